@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One idempotent setup for a fresh Debian machine: Debian packages the tests need, the .venv with pinned
+# packages, the geometryd package itself, and a first Jittor import (compiles its core once, ~3 min on 2 cores).
+# Fast when already done: each step is skipped when its stamp matches the inputs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+STAMP_DIR="$VENV/.geometryd-stamps"
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+# 1. Debian packages (mosquitto, GStreamer RTSP server for the RTSP camera fixture, chromium for the viewer test).
+APT_PKGS=(mosquitto python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
+          gstreamer1.0-plugins-ugly chromium systemd)
+if [ "${GEOMETRYD_SKIP_APT:-0}" != 1 ]; then
+  missing=()
+  for p in "${APT_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    log "installing Debian packages: ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+# 2. The venv (Python 3.11 preferred: av 18 / aiortc 1.16 / torch 2.13 CPU are verified there).
+PY=${GEOMETRYD_PYTHON:-}
+if [ -z "$PY" ]; then
+  for c in python3.11 python3.12 python3; do command -v "$c" >/dev/null && { PY=$c; break; }; done
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV with $PY"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+fi
+mkdir -p "$STAMP_DIR"
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+want=$(cat requirements.txt requirements-test.txt requirements-nodeps.txt pyproject.toml | sha256sum | cut -c1-16)
+if [ "$(cat "$STAMP_DIR/pip" 2>/dev/null)" != "$want" ]; then
+  log "installing Python packages (torch CPU build, jittor, PyAV, aiortc, aiomqtt, test references)"
+  "${PIP[@]}" -r requirements.txt -r requirements-test.txt
+  "${PIP[@]}" --no-deps -r requirements-nodeps.txt
+  "${PIP[@]}" --no-deps -e .
+  echo "$want" > "$STAMP_DIR/pip"
+fi
+
+# 3. First Jittor import: compiles Jittor's core into ~/.cache/jittor (keyed by venv path).
+if [ ! -f "$STAMP_DIR/jittor" ]; then
+  log "first Jittor import (compiles its core once; a few minutes on 2 cores)"
+  "$VENV/bin/python" -c "from daemon.jittor_env import import_jittor; jt = import_jittor(); assert (jt.array([1.0, 2.0]) * 2).numpy().tolist() == [2.0, 4.0]"
+  touch "$STAMP_DIR/jittor"
+fi
+log "ready: $VENV"
