@@ -1,0 +1,256 @@
+"""`geometryd weights pull | check | make-tiny`: get, verify or fake the model folder.
+
+``pull`` downloads exactly the files of spec 1.1 into ONE folder in the merged layout (``unet_diff/``,
+``unet_determ/``, ``point_map_vae/`` from TencentARC/GeometryCrafter; ``vae/``, ``image_encoder/``,
+``feature_extractor/``, ``scheduler/`` from the licence-gated stabilityai/stable-video-diffusion-img2vid-xt;
+``moge/model.pt`` from Ruicheng/moge-vitl). The file plan is a pure function (`pull_plan`), the download is
+``huggingface_hub.hf_hub_download`` per file (``HF_TOKEN`` is honoured by the hub client).
+``check`` reads safetensors headers only (`daemon.manifest`). ``make-tiny`` calls `daemon.tiny.make_tiny`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+GEOMETRYCRAFTER_REPO = "TencentARC/GeometryCrafter"
+SVD_REPO = "stabilityai/stable-video-diffusion-img2vid-xt"
+MOGE_REPO = "Ruicheng/moge-vitl"
+GATED_REPOS = frozenset({SVD_REPO})
+# Revisions observed on the hub pages (spec 1.1); SVD-xt's pin is unverified there, so it follows main.
+DEFAULT_REVISIONS: dict[str, str] = {
+    GEOMETRYCRAFTER_REPO: "2e8eeeecd205018f0937e05f711011505ab61573",
+    SVD_REPO: "main",
+    MOGE_REPO: "979e84da9415762c30e6c0cf8dc0962896c793df",
+}
+PROVENANCE_FILE = "weights.json"
+VARIANTS = ("all", "diff", "determ")
+_GB = 10**9
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One file to fetch: ``repo_id``/``filename`` at ``revision`` -> ``<to>/<local_dir>/<filename>``."""
+
+    repo_id: str
+    filename: str  # path inside the repo (may contain a sub-folder)
+    revision: str
+    local_dir: str  # folder under the target that hf_hub_download(local_dir=...) writes into
+    approx_bytes: int
+
+    @property
+    def dest(self) -> Path:
+        return Path(self.local_dir) / self.filename
+
+
+def pull_plan(variant: str = "all", revisions: dict[str, str] | None = None) -> list[PlannedFile]:
+    """Every file of spec 1.1 the daemon needs, nothing else (no SVD UNet, fp16 variants of SVD parts)."""
+    rev = {**DEFAULT_REVISIONS, **(revisions or {})}
+    gc, svd, moge = GEOMETRYCRAFTER_REPO, SVD_REPO, MOGE_REPO
+    unets = {"diff": ["unet_diff"], "determ": ["unet_determ"], "all": ["unet_diff", "unet_determ"]}[variant]
+    files: list[tuple[str, str, str, int]] = []
+    for unet in unets:
+        files += [
+            (gc, f"{unet}/config.json", "", 0),
+            (gc, f"{unet}/diffusion_pytorch_model.safetensors", "", 3_050_000_000),
+        ]
+    files += [
+        (gc, "point_map_vae/config.json", "", 0),
+        (gc, "point_map_vae/diffusion_pytorch_model.safetensors", "", 393_019_424),
+        (svd, "vae/config.json", "", 0),
+        (svd, "vae/diffusion_pytorch_model.fp16.safetensors", "", 196_000_000),
+        (svd, "image_encoder/config.json", "", 0),
+        (svd, "image_encoder/model.fp16.safetensors", "", 1_264_000_000),
+        (svd, "feature_extractor/preprocessor_config.json", "", 0),
+        (svd, "scheduler/scheduler_config.json", "", 0),
+        (moge, "model.pt", "moge", 1_257_000_000),
+    ]
+    return [PlannedFile(repo, name, rev[repo], local, size) for repo, name, local, size in files]
+
+
+def parse_revisions(items: list[str]) -> dict[str, str]:
+    """``["owner/repo=REV", ...]`` -> dict; raises ValueError naming a malformed item or an unknown repo."""
+    out: dict[str, str] = {}
+    for item in items:
+        repo, sep, rev = item.partition("=")
+        if not sep or not rev or repo not in DEFAULT_REVISIONS:
+            raise ValueError(
+                f"--revision {item!r}: expected REPO=REVISION with REPO one of {', '.join(DEFAULT_REVISIONS)}"
+            )
+        out[repo] = rev
+    return out
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE is set to a truthy value (the hub client would refuse every download)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+class PullError(RuntimeError):
+    """A download that cannot succeed; the message says what to do."""
+
+
+def _explain(exc: Exception, item: PlannedFile) -> str:
+    from huggingface_hub import errors
+
+    where = f"{item.repo_id}/{item.filename}@{item.revision}"
+    text = " ".join(str(exc).split())[:300]  # one line
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, errors.GatedRepoError) or status in (401, 403) or (
+        isinstance(exc, errors.RepositoryNotFoundError) and item.repo_id in GATED_REPOS
+    ):
+        return (
+            f"{where}: access denied (HTTP {status or 'gated'}). {item.repo_id} is licence-gated: accept "
+            f"its licence at https://huggingface.co/{item.repo_id} and export HF_TOKEN=<a read token of that "
+            "account>"
+        )
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return f"{where}: revision not found; pass --revision {item.repo_id}=<commit or branch>"
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return f"{where}: repository not found (or private; set HF_TOKEN)"
+    if isinstance(exc, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)):
+        return f"{where}: cannot reach the hub (offline, or no network): {text}"
+    if isinstance(exc, errors.EntryNotFoundError):
+        return f"{where}: file not in the repository at that revision"
+    return f"{where}: {type(exc).__name__}: {text}"
+
+
+def pull(to: Path, plan: list[PlannedFile]) -> None:
+    """Download ``plan`` into ``to``; raise PullError with an actionable one-line message on failure."""
+    if hub_offline():
+        raise PullError(
+            "HF_HUB_OFFLINE is set: downloads are disabled. Unset it on a machine with network access, "
+            "or copy a model folder here and run `geometryd weights check DIR`."
+        )
+    to.mkdir(parents=True, exist_ok=True)
+    todo = [p for p in plan if not (to / p.dest).is_file()]
+    need = sum(p.approx_bytes for p in todo)
+    free = shutil.disk_usage(to).free
+    if need > free:
+        raise PullError(f"{to}: about {need / _GB:.1f} GB needed, {free / _GB:.1f} GB free")
+    from huggingface_hub import hf_hub_download
+
+    for i, item in enumerate(plan, 1):
+        print(f"[{i}/{len(plan)}] {item.repo_id}/{item.filename} -> {to / item.dest}", flush=True)
+        try:
+            hf_hub_download(
+                repo_id=item.repo_id,
+                filename=item.filename,
+                revision=item.revision,
+                local_dir=to / item.local_dir,
+            )
+        except Exception as exc:  # noqa: BLE001 - every hub/network error becomes one actionable line
+            raise PullError(_explain(exc, item)) from exc
+    provenance = {
+        "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": [
+            {"repo": p.repo_id, "revision": p.revision, "file": p.filename, "dest": str(p.dest)} for p in plan
+        ],
+    }
+    (to / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "weights",
+        help="download (pull), verify (check) or generate random tiny (make-tiny) model weights",
+        description="Manage the model folder (merged official layout, see config.toml [model] dir).",
+    )
+    sub = parser.add_subparsers(dest="weights_command", metavar="SUBCOMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "pull",
+        help="download the official weights into one folder",
+        description="Download the official weights (about 9.2 GB) into one folder. SVD-xt is licence-gated: "
+        "accept its licence on huggingface.co and export HF_TOKEN.",
+    )
+    p.add_argument("--to", required=True, type=Path, help="target folder (created)")
+    p.add_argument(
+        "--revision",
+        action="append",
+        default=[],
+        metavar="REPO=REV",
+        help="pin a repo to a commit/branch (repeatable); defaults: "
+        + ", ".join(f"{r}={v[:12]}" for r, v in DEFAULT_REVISIONS.items()),
+    )
+    p.add_argument("--variant", choices=VARIANTS, default="all", help="which UNet(s) to fetch")
+    p.add_argument("--dry-run", action="store_true", help="print the file plan and exit")
+    p.set_defaults(func=_cmd_pull)
+
+    c = sub.add_parser("check", help="verify a model folder against the official key manifests")
+    c.add_argument("dir", type=Path, help="model folder")
+    c.add_argument(
+        "--structure-only",
+        action="store_true",
+        help="check layout and key names, not shapes (a make-tiny folder passes)",
+    )
+    c.add_argument("--variant", choices=VARIANTS, default="all", help="which UNet(s) are required")
+    c.set_defaults(func=_cmd_check)
+
+    t = sub.add_parser("make-tiny", help="write a tiny random-weight model folder (tests, demo)")
+    t.add_argument("dir", type=Path, help="target folder")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    t.add_argument("--force", action="store_true", help="rewrite every part (default: only missing parts)")
+    t.set_defaults(func=_cmd_make_tiny)
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    try:
+        plan = pull_plan(args.variant, parse_revisions(args.revision))
+    except ValueError as exc:
+        print(f"weights pull: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for p in plan:
+            print(f"{p.repo_id}@{p.revision[:12]}  {p.filename}  ->  {args.to / p.dest}")
+        return 0
+    try:
+        pull(args.to, plan)
+    except PullError as exc:
+        print(f"weights pull: {exc}", file=sys.stderr)
+        return 1
+    print(f"downloaded {len(plan)} files into {args.to}")
+    return _report(args.to, structure_only=False, variant=args.variant)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    if not args.dir.is_dir():
+        print(f"weights check: {args.dir}: no such folder", file=sys.stderr)
+        return 1
+    return _report(args.dir, args.structure_only, args.variant)
+
+
+def _report(root: Path, structure_only: bool, variant: str) -> int:
+    from daemon.manifest import check_model_dir
+
+    reports = check_model_dir(root, structure_only=structure_only, variant=variant)
+    for r in reports:
+        print(r.summary())
+        for problem in r.problems:
+            print(f"  {problem}")
+    bad = [r.name for r in reports if not r.ok]
+    mode = "structure" if structure_only else "keys and shapes"
+    if bad:
+        print(f"FAIL ({mode}): {len(bad)} of {len(reports)} parts have problems: {', '.join(bad)}")
+        return 1
+    print(f"ok ({mode}): {root}")
+    return 0
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from daemon.tiny import make_tiny  # lazy: imports torch/diffusers
+
+    make_tiny(args.dir, seed=args.seed, force=args.force)
+    print(f"tiny model in {args.dir} (seed {args.seed}); random weights make no real predictions")
+    return 0
