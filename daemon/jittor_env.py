@@ -8,6 +8,10 @@ environment variables that Jittor reads at import time, so they must be set befo
   runtime, and with ``nvcc`` visible Jittor's first import prints "jit_utils updated, please rerun your
   command." and exits 0 without running anything (a silent green CI run).
 - ``log_silent=1``: Jittor's compile logs are noise for a daemon; ``GEOMETRYD_JITTOR_VERBOSE=1`` keeps them.
+- ``cache_name=main``: otherwise Jittor names its kernel-cache subdir after ``git branch`` run in the
+  directory of ``jittor_utils`` -- inside this checkout when the venv lives in it -- so a detached HEAD (CI),
+  another branch or a repo without commits each recompile the core (minutes). "main" keeps the caches
+  built so far.
 
 numpy>=2 makes ``jt.array(float32 array)`` return garbage silently, so it is refused here.
 """
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 _OFFLINE_FLAGS = {"use_mkl": "0", "use_cutt": "0", "use_cutlass": "0", "use_nccl": "0"}
+_CACHE_NAME = "main"
 
 
 class JittorEnvError(RuntimeError):
@@ -70,6 +75,7 @@ def detect_cuda() -> CudaInfo:
 def jittor_flags(cuda: CudaInfo) -> dict[str, str]:
     flags = dict(_OFFLINE_FLAGS)
     flags["nvcc_path"] = cuda.nvcc if cuda.driver_ok and cuda.nvcc else ""
+    flags["cache_name"] = _CACHE_NAME
     if os.environ.get("GEOMETRYD_JITTOR_VERBOSE") != "1":
         flags["log_silent"] = "1"
     return flags
