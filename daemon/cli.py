@@ -1,8 +1,9 @@
 """`geometryd` command line: one subcommand per module, each registered by that module.
 
 Each command module exposes ``register(subparsers)``, which adds its parser and sets ``func`` (a callable
-taking the parsed args and returning an exit code). Command modules import heavy packages (Jittor, torch,
-PyAV) inside their functions, never at module level, so ``geometryd --help`` stays fast.
+taking the parsed args and returning an exit code). Only the module of the command being run is imported,
+so a broken optional part (or a heavy import) cannot stop ``geometryd doctor`` or ``geometryd --help``;
+command modules still import Jittor, torch and PyAV inside their functions, never at module level.
 """
 
 from __future__ import annotations
@@ -11,42 +12,43 @@ import argparse
 import importlib
 import sys
 
-# (subcommand, module) in the order shown by --help.
-COMMAND_MODULES: list[str] = [
-    "daemon.supervisor",  # run
-    "daemon.demo",  # demo
-    "daemon.process",  # process
-    "daemon.doctor",  # doctor
-    "daemon.weights",  # weights
-    "daemon.bench_cmd",  # bench
-    "daemon.config",  # check-config
-    "daemon.subscribe",  # subscribe
-]
+# subcommand -> (module, one-line help), in the order shown by --help.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("daemon.supervisor", "run the streaming daemon (sources -> geometry -> MQTT/files)"),
+    "demo": ("daemon.demo", "end-to-end demo on a generated clip with a tiny random-weight model"),
+    "process": ("daemon.process", "offline: one video file -> upstream-compatible .npz"),
+    "doctor": ("daemon.doctor", "check this machine's stack; --fix applies the Jittor CUDA 13 patches"),
+    "weights": ("daemon.weights", "pull / check / make-tiny model folders in the official layout"),
+    "bench": ("daemon.bench_cmd", "run the CPU benchmark suite (--gpu: the GPU table)"),
+    "check-config": ("daemon.config", "validate a config file: prints ok or one error line (exit 2)"),
+    "subscribe": ("daemon.subscribe", "reference MQTT subscriber: decode published frames to arrays"),
+}
+COMMAND_MODULES: list[str] = [module for module, _ in COMMANDS.values()]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser when ``command`` is None (imports every command module), else just that command's."""
+    from daemon import __version__
+
     parser = argparse.ArgumentParser(
         prog="geometryd",
         description="Video -> temporally consistent depth and point maps (GeometryCrafter), over MQTT.",
     )
-    from daemon import __version__
-
     parser.add_argument("--version", action="version", version=f"geometryd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue  # not built yet
-        module.register(sub)
+    for name, (module_name, help_text) in COMMANDS.items():
+        if command is None or name == command:
+            importlib.import_module(module_name).register(sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else "")
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -42,11 +42,18 @@ if [ "$(cat "$STAMP_DIR/pip" 2>/dev/null)" != "$want" ]; then
   log "installing Python packages (torch CPU build, jittor, PyAV, aiortc, aiomqtt, test references)"
   "${PIP[@]}" -r requirements.txt -r requirements-test.txt
   "${PIP[@]}" --no-deps -r requirements-nodeps.txt
-  "${PIP[@]}" --no-deps -e .
+  "${PIP[@]}" --no-deps -e . >/dev/null 2>&1 || "${PIP[@]}" --no-deps -e .
   echo "$want" > "$STAMP_DIR/pip"
 fi
 
-# 3. First Jittor import: compiles Jittor's core into ~/.cache/jittor (keyed by venv path).
+# 3. On a GPU box (usable CUDA driver): stock Jittor 1.3.11 does not build on CUDA 13 / cuDNN 9 / CCCL 3;
+#    apply the versioned, idempotent, reversible compatibility patches before the first import.
+if "$VENV/bin/python" -c "from daemon.jittor_env import detect_cuda; raise SystemExit(0 if detect_cuda().driver_ok else 1)"; then
+  log "CUDA device found: applying the Jittor CUDA 13 compatibility patches (geometryd doctor --fix)"
+  "$VENV/bin/python" -m daemon.doctor --fix >&2 || log "doctor --fix reported a problem (see above)"
+fi
+
+# 4. First Jittor import: compiles Jittor's core into ~/.cache/jittor (keyed by venv path).
 if [ ! -f "$STAMP_DIR/jittor" ]; then
   log "first Jittor import (compiles its core once; a few minutes on 2 cores)"
   "$VENV/bin/python" -c "from daemon.jittor_env import import_jittor; jt = import_jittor(); assert (jt.array([1.0, 2.0]) * 2).numpy().tolist() == [2.0, 4.0]"
