@@ -98,10 +98,36 @@ def configure() -> CudaInfo:
     return cuda
 
 
+def restore_signal_handlers() -> bool:
+    """Undo Jittor's process-wide SIGCHLD and SIGINT handlers (installed when its core library loads).
+
+    Jittor's handler "quick-exits" the whole process when ANY child dies from a signal other than SIGTERM
+    (e.g. the MoGe sidecar killed by the OOM killer or kill -9), and on SIGINT, bypassing the daemon's
+    supervision and graceful shutdown. Python's defaults are put back; Jittor keeps its SIGSEGV/SIGBUS/SIGFPE
+    trace handlers. Only possible from the main thread: returns False (and the caller must call this again
+    from the main thread) elsewhere.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return True
+
+
 def import_jittor() -> ModuleType:
-    """Configure the environment, import Jittor, and select CUDA when it is usable."""
+    """Configure the environment, import Jittor, and select CUDA when it is usable.
+
+    Import it first from the main thread (the daemon does at startup) so that Jittor's process-wide signal
+    handlers can be removed (see :func:`restore_signal_handlers`).
+    """
+    first_import = "jittor" not in sys.modules
     cuda = configure()
     import jittor
 
+    if first_import:
+        restore_signal_handlers()
     jittor.flags.use_cuda = 1 if cuda.driver_ok and jittor.has_cuda else 0
     return jittor
