@@ -64,7 +64,8 @@ def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 7
 def make_schedule(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 700.0) -> EulerKarrasSchedule:
     sigmas = karras_sigmas(num_steps, sigma_min, sigma_max)
     # ln in float64 then rounded: equals torch's correctly rounded float32 log (numpy's float32 log is not)
-    timesteps = (np.float32(0.25) * np.log(sigmas[:-1].astype(np.float64)).astype(np.float32)).astype(np.float32)
+    log_sigma = np.log(sigmas[:-1].astype(np.float64)).astype(np.float32)
+    timesteps = (np.float32(0.25) * log_sigma).astype(np.float32)
     # diffusers: (max_sigma^2 + 1)^0.5 for "leading" spacing, computed on the float32 sigma tensor.
     init = np.sqrt(sigmas.max() * sigmas.max() + np.float32(1.0)).astype(np.float32)
     return EulerKarrasSchedule(sigmas=sigmas, timesteps=timesteps, init_noise_sigma=np.float32(init))
@@ -82,7 +83,8 @@ def load_scheduler_config(path: Path) -> dict:
         if cfg.get(key, value) != value:
             raise ValueError(f"{path}: {key}={cfg.get(key)!r} is not supported (expected {value!r})")
     if cfg.get("timestep_spacing", "leading") in ("linspace", "trailing"):
-        raise ValueError(f"{path}: timestep_spacing={cfg['timestep_spacing']!r} is not supported (expected 'leading')")
+        spacing = cfg["timestep_spacing"]
+        raise ValueError(f"{path}: timestep_spacing={spacing!r} is not supported (expected 'leading')")
     return cfg
 
 

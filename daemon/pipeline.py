@@ -1,0 +1,775 @@
+"""GeometryCrafter inference: offline (whole clip, upstream-exact) and streaming (window by window).
+
+Reference: spec sections 4.1-4.7 (TencentARC/GeometryCrafter ``diff_ppl.py`` / ``determ_ppl.py``, ``run.py``).
+The networks (UNet, SVD VAE encoder, point-map VAE, CLIP) run in Jittor (``daemon.model``); the glue between
+them runs host-side in numpy: prior post-processing (:mod:`daemon.prior_post`), resizes
+(:mod:`daemon.resample`), the Euler steps (:mod:`daemon.model.scheduler`), window stitching and decode
+post-processing. Latents are small ((T,4,H/8,W/8)), so moving them per network call costs little, and host
+glue keeps the numerics identical to PyTorch's float32 semantics on every device. Network inputs are numpy
+arrays, outputs come back as numpy right after each call.
+
+Precision (spec 1.3): ``dtype="fp16"`` runs UNet and CLIP in fp16, keeps latents in fp16 between steps
+(Euler update in fp32), runs both VAEs in fp32. ``dtype="fp32"`` runs everything in fp32 (parity tests).
+
+Streaming (:class:`StreamingSession`) deviates from the clip-global offline algorithm only where the offline
+algorithm needs the future (spec 4.9); the choices are documented in ``docs/streaming.md``:
+
+1. prior normalisation (depth scale ``s``, disparity ``lo``/``hi``) is computed on the *first* window and
+   frozen for the session;
+2. the noise bank is generated and rotated exactly as offline, windows are stitched in latent space exactly
+   as offline; a window's last ``overlap`` frames are held back until the next window has been blended in;
+3. decoding runs on consecutive chunks of ``decode_chunk_size`` final frames aligned to the stream start,
+   exactly the offline chunking; a partial chunk waits for more final frames (or :meth:`flush`);
+4. with ``force_fixed_focal`` the focal is computed from the first decoded chunks and frozen; with
+   ``force_projection`` alone it is per frame (exact).
+Consequently a single window (one push + flush) equals the offline output exactly when the first decode
+covers the whole window or the focal is per frame (tests/test_pipeline_streaming.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from daemon import resample
+from daemon.model.scheduler import EulerKarrasSchedule, load_scheduler_config, schedule_from_config
+from daemon.prior_post import PriorStats, compute_stats, prior_to_x4
+
+log = logging.getLogger(__name__)
+
+VAE_SCALING = 0.18215
+ADDED_TIME_IDS = (7.0, 127.0, 0.02)  # fps, motion bucket, noise augmentation (spec 4.3.5)
+DETERM_TIMESTEP = 1.6378  # spec 4.5: the literal constant
+MODEL_PARTS = ("point_map_vae", "vae", "image_encoder", "feature_extractor", "scheduler")
+VARIANTS = ("diff", "determ")
+
+
+@dataclass
+class FrameResult:
+    """One final output frame of a stream (interfaces.md "Pipeline").
+
+    ``intrinsics`` = (fx, fy, cx, cy) normalised by the output width/height with pixel centres at
+    ``(u + 0.5) / W``: ``u_n = cx + fx * X / Z``, ``v_n = cy + fy * Y / Z`` (cx = cy = 0.5).
+    """
+
+    frame_index: int
+    window_id: int
+    point_map: np.ndarray  # (H0, W0, 3) float32
+    depth: np.ndarray  # (H0, W0) float32
+    mask: np.ndarray  # (H0, W0) bool
+    intrinsics: tuple[float, float, float, float]
+
+
+@dataclass
+class GeometryOutput:
+    """Result of :meth:`GeometryCrafter.__call__`."""
+
+    point_map: np.ndarray  # (T, H0, W0, 3) float32
+    mask: np.ndarray  # (T, H0, W0) bool
+    depth: np.ndarray  # (T, H0, W0) float32
+    intrinsics: np.ndarray  # (T, 4) float32: fx, fy, cx, cy normalised (see FrameResult)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+# --------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _np(x: Any) -> np.ndarray:
+    """Jittor Var / numpy -> numpy."""
+    return x.numpy() if hasattr(x, "numpy") and not isinstance(x, np.ndarray) else np.asarray(x)
+
+
+def _release_device_memory() -> None:
+    jt = sys.modules.get("jittor")
+    if jt is not None:
+        jt.gc()
+
+
+class _Stages:
+    """Per-stage timings, with a tqdm bar when stderr is a terminal and INFO logs otherwise."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.timings: dict[str, float] = {}
+        self._tty = not quiet and sys.stderr.isatty()
+        self._quiet = quiet
+
+    @contextmanager
+    def stage(self, name: str, total: int) -> Iterator[Any]:
+        bar = None
+        if self._tty:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=name, leave=False, unit="it")
+        t0 = time.perf_counter()
+        try:
+            yield (bar.update if bar is not None else (lambda n=1: None))
+        finally:
+            if bar is not None:
+                bar.close()
+            dt = time.perf_counter() - t0
+            self.timings[name] = self.timings.get(name, 0.0) + dt
+            if not self._quiet:
+                log.info("stage %s: %.3f s", name, dt)
+
+
+def window_plan(num_frames: int, window_size: int, overlap: int) -> list[tuple[int, int]]:
+    """Spec 4.6: windows [s, e) with s = 0, stride, ... while s < T - overlap, e = min(s + window, T)."""
+    stride = window_size - overlap
+    plan = []
+    s = 0
+    while s < num_frames - overlap:
+        plan.append((s, min(s + window_size, num_frames)))
+        s += stride
+    return plan
+
+
+class NoiseBank:
+    """Spec 4.4 step 1 and 2a: initial noise times init_noise_sigma, rotated after every window.
+
+    Rotation uses Python slicing semantics literally: with overlap 0, ``bank[:, -0:]`` is the whole bank, so
+    every window reuses the same noise. Upstream's bank then grows by ``stride`` frames per window; only its
+    first ``window_size`` frames are ever read, so the bank is trimmed to them (same values, bounded memory
+    for endless streams).
+    """
+
+    def __init__(self, noise: np.ndarray, init_noise_sigma: np.float32, overlap: int, stride: int) -> None:
+        noise = noise if noise.ndim == 5 else noise[None]
+        # fp16 noise times an fp32 scalar: computed in fp32, rounded once (CUDA opmath)
+        self.bank = (noise.astype(np.float32) * init_noise_sigma).astype(noise.dtype)
+        self.overlap = overlap
+        self.stride = stride
+        self.window = self.bank.shape[1]
+
+    def take(self, length: int) -> np.ndarray:
+        x = self.bank[:, :length].copy()
+        rotated = np.concatenate([self.bank[:, -self.overlap :], self.bank[:, : self.stride]], axis=1)
+        self.bank = rotated[:, : self.window]
+        return x
+
+
+def make_noise(seed: int, window_size: int, h: int, w: int, dtype: type = np.float16) -> np.ndarray:
+    """Default initial noise (1, window, 4, h, w). Not torch's CUDA stream (spec 7.4): inject for parity."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((1, window_size, 4, h, w), dtype=np.float32).astype(dtype)
+
+
+def stitch(latents: np.ndarray | None, x: np.ndarray, overlap: int) -> np.ndarray:
+    """Spec 4.6: blend the new window's first ``overlap`` frames into the tail of ``latents``; append the
+    rest.
+
+    Arrays are (1, F, 4, h, w); weights linspace(0, 1, overlap) in fp32, result stored in the latent dtype.
+    """
+    if latents is None:
+        return x.copy()
+    if overlap == 0:
+        return np.concatenate([latents, x], axis=1)
+    w = np.linspace(0.0, 1.0, overlap).astype(np.float32)[None, :, None, None, None]
+    new = x[:, :overlap].astype(np.float32)
+    old = latents[:, -overlap:].astype(np.float32)
+    blended = w * new + (np.float32(1.0) - w) * old
+    out = latents.copy()
+    out[:, -overlap:] = blended.astype(latents.dtype)
+    return np.concatenate([out, x[:, overlap:]], axis=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# decode post-processing (spec 4.7)
+
+
+@dataclass
+class DecodedMaps:
+    """Decoder outputs resized to the output size (spec 4.7 steps 1-3)."""
+
+    fx: np.ndarray  # (n, Ho, Wo) per-pixel inverse focal in grid units
+    fy: np.ndarray
+    log_depth: np.ndarray  # (n, Ho, Wo)
+    valid: np.ndarray  # (n, Ho, Wo) bool
+
+
+def decode_post(
+    a: np.ndarray, dl: np.ndarray, vl: np.ndarray, out_size: tuple[int, int], use_extract_interp: bool
+) -> DecodedMaps:
+    """a, dl, vl: (n, H, W) decoder heads at processing size -> maps at ``out_size`` (spec 4.7 steps 2-3)."""
+    if a.shape[-2:] != tuple(out_size):
+        if use_extract_interp:
+            dl = resample.resize(dl, out_size, "nearest_exact")
+            vl = resample.resize(vl, out_size, "nearest_exact")
+        else:
+            dl = np.log(resample.resize(np.exp(np.minimum(dl, np.float32(10.0))), out_size, "bilinear"))
+            vl = resample.resize(vl, out_size, "bilinear")
+        a = resample.resize(a, out_size, "bilinear")
+    ho, wo = out_size
+    diag = np.float32(np.sqrt(np.float32(wo * wo + ho * ho)))
+    fx = (a * (np.float32(wo) / diag)).astype(np.float32)
+    fy = (a * (np.float32(ho) / diag)).astype(np.float32)
+    return DecodedMaps(fx=fx, fy=fy, log_depth=dl.astype(np.float32), valid=vl > 0)
+
+
+def projected_focal(maps: DecodedMaps, per_frame: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Spec 4.7 step 4: mean(f * valid) / (mean(valid) + 1e-4) over all frames (or per frame)."""
+    axis = (1, 2) if per_frame else None
+    v = maps.valid.astype(np.float32)
+    den = np.mean(v, axis=axis, dtype=np.float64).astype(np.float32) + np.float32(1e-4)
+    fx = np.mean(maps.fx * v, axis=axis, dtype=np.float64).astype(np.float32) / den
+    fy = np.mean(maps.fy * v, axis=axis, dtype=np.float64).astype(np.float32) / den
+    return np.asarray(fx, np.float32), np.asarray(fy, np.float32)
+
+
+def points_from_maps(maps: DecodedMaps, fx: np.ndarray, fy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Spec 4.7 step 5: (points (n,Ho,Wo,3), depth (n,Ho,Wo)); fx/fy scalar, per frame (n,) or per pixel."""
+    n, ho, wo = maps.log_depth.shape
+    gx, gy = resample.normalized_grid(ho, wo)
+    fx = np.asarray(fx, np.float32)
+    fy = np.asarray(fy, np.float32)
+    if fx.ndim == 1:
+        fx, fy = fx[:, None, None], fy[:, None, None]
+    z = np.exp(np.minimum(maps.log_depth, np.float32(10.0))).astype(np.float32)
+    x = fx * gx[None, None, :] * z
+    y = fy * gy[None, :, None] * z
+    return np.stack([x, y, z], axis=-1).astype(np.float32), z
+
+
+def normalised_intrinsics(fx: np.ndarray, fy: np.ndarray, ho: int, wo: int) -> np.ndarray:
+    """Grid-unit inverse focals -> (n, 4) [fx, fy, cx, cy] normalised by W/H with pixel centres (u+0.5)/W."""
+    fx = np.atleast_1d(np.asarray(fx, np.float64))
+    fy = np.atleast_1d(np.asarray(fy, np.float64))
+    out = np.empty((fx.shape[0], 4), np.float32)
+    out[:, 0] = (wo - 1) / (2.0 * wo * fx)
+    out[:, 1] = (ho - 1) / (2.0 * ho * fy)
+    out[:, 2:] = 0.5
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the model
+
+
+def _check_sizes(height: int, width: int, h0: int, w0: int, window_size: int, overlap: int) -> None:
+    if height <= 0 or width <= 0 or height % 64 or width % 64:
+        raise ValueError(f"height/width must be positive multiples of 64, got {height}x{width}")
+    if not 0.5 <= width / height <= 2.0:
+        raise ValueError(
+            f"aspect ratio width/height = {width / height:.3f} is outside [0.5, 2] ({width}x{height})"
+        )
+    if h0 % 2 or w0 % 2:
+        raise ValueError(f"frame size {h0}x{w0} must be even in both dimensions (spec 7.7)")
+    if window_size < 1:
+        raise ValueError(f"window_size must be >= 1, got {window_size}")
+    if overlap < 0 or overlap >= window_size:
+        raise ValueError(f"overlap must be in [0, window_size) = [0, {window_size}), got {overlap}")
+
+
+def _frames_to_unit(frames: np.ndarray) -> np.ndarray:
+    """(n,H0,W0,3) uint8 or float in [0,1] -> (n,3,H0,W0) float32 in [0,1]."""
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be (T, H, W, 3), got shape {frames.shape}")
+    x = frames.astype(np.float32)
+    if frames.dtype == np.uint8:
+        x = x / np.float32(255.0)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def _check_prior(frames: np.ndarray, points: np.ndarray, mask: np.ndarray) -> None:
+    t, h0, w0 = frames.shape[:3]
+    if points.shape != (t, h0, w0, 3):
+        raise ValueError(
+            f"prior_points shape {points.shape} does not match frames (expected {(t, h0, w0, 3)})"
+        )
+    if mask.shape != (t, h0, w0):
+        raise ValueError(f"prior_mask shape {mask.shape} does not match frames (expected {(t, h0, w0)})")
+
+
+@dataclass
+class Conditioning:
+    """Per-frame encoder outputs (spec 4.3), frames along axis 0."""
+
+    emb: np.ndarray  # (n, D) CLIP image embeddings, latent dtype
+    vlat: np.ndarray  # (n, 4, h, w) video latents (unscaled), latent dtype
+    plat: np.ndarray  # (n, 4, h, w) prior latents (scaled by 0.18215), latent dtype
+
+    @staticmethod
+    def concat(parts: list["Conditioning"]) -> "Conditioning":
+        keys = ("emb", "vlat", "plat")
+        return Conditioning(*(np.concatenate([getattr(p, k) for p in parts]) for k in keys))
+
+    def slice(self, s: int, e: int) -> "Conditioning":
+        return Conditioning(self.emb[s:e], self.vlat[s:e], self.plat[s:e])
+
+
+class GeometryCrafter:
+    """Networks + schedule of one variant; callable on a clip (offline, upstream semantics)."""
+
+    def __init__(
+        self,
+        *,
+        unet: Any,
+        svd_vae: Any,
+        point_map_vae: Any,
+        clip: Any,
+        scheduler_config: dict[str, Any],
+        clip_mean: tuple[float, float, float],
+        clip_std: tuple[float, float, float],
+        variant: str = "diff",
+        dtype: str = "fp16",
+    ) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if dtype not in ("fp16", "fp32"):
+            raise ValueError(f"dtype must be 'fp16' or 'fp32', got {dtype!r}")
+        self.unet, self.svd_vae, self.point_map_vae, self.clip = unet, svd_vae, point_map_vae, clip
+        self.scheduler_config = scheduler_config
+        self.clip_mean = np.asarray(clip_mean, np.float32).reshape(1, 3, 1, 1)
+        self.clip_std = np.asarray(clip_std, np.float32).reshape(1, 3, 1, 1)
+        self.variant = variant
+        self.dtype = dtype
+        self.latent_dtype = np.float16 if dtype == "fp16" else np.float32
+        self.low_memory_usage = False
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir: str | Path, variant: str = "diff", dtype: str = "fp16"
+    ) -> "GeometryCrafter":
+        """Load the merged official layout (spec 1.1): unet_<variant>/, point_map_vae/, vae/, image_encoder/,
+        feature_extractor/, scheduler/. Raises FileNotFoundError naming every missing part."""
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        model_dir = Path(model_dir)
+        parts = [f"unet_{variant}", *MODEL_PARTS]
+        missing = [p for p in parts if not (model_dir / p).is_dir()]
+        if missing:
+            named = ", ".join(p + "/" for p in missing)
+            raise FileNotFoundError(f"model folder {model_dir} is missing: {named}")
+        pre = model_dir / "feature_extractor" / "preprocessor_config.json"
+        if not pre.is_file():
+            raise FileNotFoundError(
+                f"model folder {model_dir} is missing feature_extractor/preprocessor_config.json"
+            )
+        sched = model_dir / "scheduler" / "scheduler_config.json"
+        if not sched.is_file():
+            raise FileNotFoundError(f"model folder {model_dir} is missing scheduler/scheduler_config.json")
+        pre_cfg = json.loads(pre.read_text())
+        from daemon.model import load_clip, load_point_map_vae, load_svd_vae, load_unet
+
+        t0 = time.perf_counter()
+        gc = cls(
+            unet=load_unet(model_dir / f"unet_{variant}", dtype=dtype),
+            svd_vae=load_svd_vae(model_dir / "vae", dtype="fp32"),  # force_upcast: encodes run in fp32
+            point_map_vae=load_point_map_vae(model_dir / "point_map_vae", dtype="fp32"),
+            clip=load_clip(model_dir / "image_encoder", dtype=dtype),
+            scheduler_config=load_scheduler_config(sched),
+            clip_mean=tuple(pre_cfg["image_mean"]),
+            clip_std=tuple(pre_cfg["image_std"]),
+            variant=variant,
+            dtype=dtype,
+        )
+        log.info("loaded GeometryCrafter %s/%s from %s in %.1f s", variant, dtype, model_dir,
+                 time.perf_counter() - t0)
+        return gc
+
+    # ---- stage functions (shared by offline and streaming) ------------------------------------------
+
+    def schedule(self, num_inference_steps: int) -> EulerKarrasSchedule:
+        return schedule_from_config(self.scheduler_config, num_inference_steps)
+
+    def _after_call(self) -> None:
+        if self.low_memory_usage:
+            _release_device_memory()
+
+    def encode(
+        self, frames01: np.ndarray, x4: np.ndarray, size: tuple[int, int], chunk: int, progress: Any = None
+    ) -> Conditioning:
+        """Spec 4.3 on frames (n,3,H0,W0) in [0,1] and prior x4 (n,4,H,W), in chunks of ``chunk`` frames."""
+        ld = self.latent_dtype
+        parts = []
+        for s in range(0, frames01.shape[0], chunk):
+            v = frames01[s : s + chunk]
+            if v.shape[-2:] != tuple(size):
+                v = np.clip(resample.resize(v, size, "bicubic_aa"), 0.0, 1.0).astype(np.float32)
+            v = v.astype(ld)
+            v = (v * ld(2.0) - ld(1.0)).astype(ld)  # fp16 arithmetic like upstream in fp16 mode
+            # CLIP: fp32 resize224 -> [0,1] -> normalise -> network dtype
+            c = resample.resize224(v.astype(np.float32))
+            c = ((c + np.float32(1.0)) / np.float32(2.0) - self.clip_mean) / self.clip_std
+            emb = _np(self.clip.image_embeds(c.astype(ld))).astype(ld)
+            self._after_call()
+            vlat = _np(self.svd_vae.encode(v.astype(np.float32))).astype(ld)
+            self._after_call()
+            xs = x4[s : s + chunk]
+            pseudo = np.repeat(xs[:, 2:3], 3, axis=1)
+            mean = _np(self.svd_vae.encode(pseudo)).astype(np.float32)
+            self._after_call()
+            offset = _np(self.point_map_vae.encode(xs)).astype(np.float32)
+            self._after_call()
+            plat = ((mean + offset) * np.float32(VAE_SCALING)).astype(ld)
+            parts.append(Conditioning(emb, vlat, plat))
+            if progress is not None:
+                progress(v.shape[0])
+        return Conditioning.concat(parts)
+
+    def _added_time_ids(self) -> np.ndarray:
+        return np.asarray([ADDED_TIME_IDS], self.latent_dtype)
+
+    def denoise_window(
+        self,
+        cond: Conditioning,
+        x: np.ndarray | None,
+        schedule: EulerKarrasSchedule | None,
+        progress: Any = None,
+    ) -> np.ndarray:
+        """Spec 4.4 c-d (diff, ``x`` = initial noisy latents (1,L,4,h,w)) or 4.5 (determ, ``x`` unused).
+
+        Returns the window's clean latents (1, L, 4, h, w) in the latent dtype."""
+        ld = self.latent_dtype
+        emb = cond.emb[None].astype(ld)
+        vlat, plat = cond.vlat[None].astype(ld), cond.plat[None].astype(ld)
+        ids = self._added_time_ids()
+        if self.variant == "determ":
+            u = _np(self.unet(np.concatenate([plat, vlat], axis=2), DETERM_TIMESTEP, emb, ids))
+            self._after_call()
+            if progress is not None:
+                progress(1)
+            return (-u).astype(ld)
+        assert x is not None and schedule is not None
+        for i in range(schedule.num_steps):
+            inp = schedule.scale_model_input(x, i)
+            sample = np.concatenate([inp, vlat, plat], axis=2)  # channel order: noisy, video, prior
+            u = _np(self.unet(sample, float(schedule.timesteps[i]), emb, ids))
+            self._after_call()
+            x = schedule.step(u.astype(ld), i, x)
+            if progress is not None:
+                progress(1)
+        return x.astype(ld)
+
+    def decode(
+        self, latents: np.ndarray, chunk: int, progress: Any = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Spec 4.7 step 1: z (n,4,h,w) fp32 (already / 0.18215) -> (a, dl, vl) each (n,H,W), chunked."""
+        outs: list[list[np.ndarray]] = [[], [], []]
+        for s in range(0, latents.shape[0], chunk):
+            z = np.ascontiguousarray(latents[s : s + chunk], np.float32)
+            heads = self.point_map_vae.decode(z, z.shape[0])
+            for k in range(3):
+                outs[k].append(_np(heads[k])[:, 0].astype(np.float32))
+            self._after_call()
+            if progress is not None:
+                progress(z.shape[0])
+        return tuple(np.concatenate(o) for o in outs)  # type: ignore[return-value]
+
+    @staticmethod
+    def latents_to_z(latents: np.ndarray) -> np.ndarray:
+        """Stitched latents (1,n,4,h,w) -> decoder input (n,4,h,w) fp32 (spec 4.6 last step)."""
+        return latents[0].astype(np.float32) * np.float32(1.0 / VAE_SCALING)
+
+    def renoise(
+        self, x: np.ndarray, tail: np.ndarray, overlap: int, schedule: EulerKarrasSchedule
+    ) -> np.ndarray:
+        """Spec 4.4 step 2b: x[:, :overlap] = A_tail + x[:, :overlap] / init_noise_sigma * sigma_0."""
+        ld = self.latent_dtype
+        n = (x[:, :overlap].astype(np.float32) / schedule.init_noise_sigma).astype(ld)
+        n = (n.astype(np.float32) * schedule.sigmas[0]).astype(ld)
+        x = x.copy()
+        x[:, :overlap] = (tail.astype(np.float32) + n.astype(np.float32)).astype(ld)
+        return x
+
+    # ---- offline ---------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        frames: np.ndarray,
+        prior_points: np.ndarray,
+        prior_mask: np.ndarray,
+        *,
+        height: int,
+        width: int,
+        window_size: int = 110,
+        overlap: int = 25,
+        num_inference_steps: int = 5,
+        decode_chunk_size: int = 8,
+        noise: np.ndarray | None = None,
+        force_projection: bool = True,
+        force_fixed_focal: bool = True,
+        use_extract_interp: bool = False,
+        low_memory_usage: bool = False,
+        seed: int = 42,
+        nan_guard: bool = False,
+        quiet: bool = False,
+    ) -> GeometryOutput:
+        """Whole-clip inference with upstream semantics. frames (T,H0,W0,3) uint8 (or float [0,1]),
+        prior_points (T,H0,W0,3) f32, prior_mask (T,H0,W0) bool -> :class:`GeometryOutput`."""
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[0] == 0:
+            raise ValueError(f"frames must be a non-empty (T, H, W, 3) array, got shape {frames.shape}")
+        t, h0, w0 = frames.shape[:3]
+        _check_sizes(height, width, h0, w0, window_size, overlap)
+        _check_prior(frames, prior_points, prior_mask)
+        if decode_chunk_size < 1:
+            raise ValueError(f"decode_chunk_size must be >= 1, got {decode_chunk_size}")
+        if t <= window_size:  # run.py: a short clip is one window without overlap
+            window_size, overlap = t, 0
+        self.low_memory_usage = low_memory_usage
+        size = (height, width)
+        h, w = height // 8, width // 8
+        stages = _Stages(quiet)
+
+        with stages.stage("prior", t):
+            stats = compute_stats(np.asarray(prior_points, np.float32), np.asarray(prior_mask, bool))
+            x4 = prior_to_x4(prior_points, prior_mask, size, stats, nan_guard=nan_guard)
+        with stages.stage("encode", t) as tick:
+            cond = self.encode(_frames_to_unit(frames), x4, size, decode_chunk_size, tick)
+        del x4
+
+        plan = window_plan(t, window_size, overlap)
+        schedule = self.schedule(num_inference_steps) if self.variant == "diff" else None
+        bank = None
+        if schedule is not None:
+            if noise is None:
+                noise = make_noise(seed, window_size, h, w, self.latent_dtype)
+            noise = np.asarray(noise)
+            noise = noise if noise.ndim == 5 else noise[None]
+            if noise.shape[1] < window_size or noise.shape[2:] != (4, h, w):
+                raise ValueError(f"noise shape {noise.shape} must be (1, >={window_size}, 4, {h}, {w})")
+            bank = NoiseBank(noise[:, :window_size].astype(self.latent_dtype), schedule.init_noise_sigma,
+                             overlap, window_size - overlap)
+        latents: np.ndarray | None = None
+        n_calls = len(plan) * (schedule.num_steps if schedule is not None else 1)
+        with stages.stage("denoise", n_calls) as tick:
+            for k, (s, e) in enumerate(plan):
+                x = None
+                if bank is not None and schedule is not None:
+                    x = bank.take(e - s)
+                    if k > 0 and overlap > 0:
+                        x = self.renoise(x, latents[:, -overlap:], overlap, schedule)  # type: ignore[index]
+                res = self.denoise_window(cond.slice(s, e), x, schedule, tick)
+                latents = stitch(latents, res, overlap if k > 0 else 0)
+        assert latents is not None and latents.shape[1] == t
+        del cond
+
+        with stages.stage("decode", t) as tick:
+            a, dl, vl = self.decode(self.latents_to_z(latents), decode_chunk_size, tick)
+        with stages.stage("post", t):
+            maps = decode_post(a, dl, vl, (h0, w0), use_extract_interp)
+            del a, dl, vl
+            if force_projection:
+                fx, fy = projected_focal(maps, per_frame=not force_fixed_focal)
+                points, depth = points_from_maps(maps, fx, fy)
+                fxs = np.broadcast_to(fx, (t,)) if fx.ndim == 0 else fx
+                fys = np.broadcast_to(fy, (t,)) if fy.ndim == 0 else fy
+            else:
+                points, depth = points_from_maps(maps, maps.fx, maps.fy)
+                fxs, fys = projected_focal(maps, per_frame=True)
+            intr = normalised_intrinsics(fxs, fys, h0, w0)
+        if low_memory_usage:
+            _release_device_memory()
+        return GeometryOutput(point_map=points, mask=maps.valid, depth=depth, intrinsics=intr,
+                              timings=stages.timings)
+
+
+# --------------------------------------------------------------------------------------------------
+# streaming
+
+
+class StreamingSession:
+    """Window-by-window inference for one source (module docstring and docs/streaming.md for semantics).
+
+    The caller sends windows of ``window_size`` frames where consecutive windows share ``overlap`` frames:
+    window k > 0 = the last ``overlap`` frames of window k-1 followed by ``stride`` new frames, with
+    ``first_frame_index`` = previous first + stride. The last window may be shorter (> overlap frames).
+    A window that does not continue the previous one restarts stitching (pending frames are flushed first;
+    the frozen prior statistics and focal are kept).
+    """
+
+    def __init__(
+        self,
+        gc: GeometryCrafter,
+        *,
+        height: int,
+        width: int,
+        window_size: int,
+        overlap: int,
+        num_inference_steps: int,
+        decode_chunk_size: int,
+        force_projection: bool = True,
+        force_fixed_focal: bool = True,
+        use_extract_interp: bool = False,
+        seed: int = 42,
+        noise: np.ndarray | None = None,
+        nan_guard: bool = True,
+        low_memory_usage: bool | None = None,
+    ) -> None:
+        _check_sizes(height, width, 2, 2, window_size, overlap)
+        if low_memory_usage is not None:  # shared by every session of this model
+            gc.low_memory_usage = low_memory_usage
+        if decode_chunk_size < 1:
+            raise ValueError(f"decode_chunk_size must be >= 1, got {decode_chunk_size}")
+        self.gc = gc
+        self.size = (height, width)
+        self.window_size, self.overlap, self.stride = window_size, overlap, window_size - overlap
+        self.decode_chunk_size = decode_chunk_size
+        self.force_projection, self.force_fixed_focal = force_projection, force_fixed_focal
+        self.use_extract_interp = use_extract_interp
+        self.nan_guard = nan_guard
+        self.schedule = gc.schedule(num_inference_steps) if gc.variant == "diff" else None
+        h, w = height // 8, width // 8
+        if noise is None:
+            noise = make_noise(seed, window_size, h, w, gc.latent_dtype)
+        noise = noise if noise.ndim == 5 else noise[None]
+        if noise.shape[1] < window_size or noise.shape[2:] != (4, h, w):
+            raise ValueError(f"noise shape {noise.shape} must be (1, >={window_size}, 4, {h}, {w})")
+        self._noise = noise[:, :window_size].astype(gc.latent_dtype)
+        self.stats: PriorStats | None = None
+        self.focal: tuple[np.ndarray, np.ndarray] | None = None  # frozen (fx, fy) in grid units
+        self.timings: dict[str, float] = {}
+        self.windows_done = 0
+        self._out_size: tuple[int, int] | None = None
+        self._restart()
+
+    def _restart(self) -> None:
+        """Start a new stitched segment (first window, fresh noise bank)."""
+        self._bank = (
+            NoiseBank(self._noise, self.schedule.init_noise_sigma, self.overlap, self.stride)
+            if self.schedule is not None
+            else None
+        )
+        self._latents: np.ndarray | None = None  # (1, n, 4, h, w): not yet decoded frames of the segment
+        self._frame_window: list[int] = []  # window id per pending latent frame
+        self._base = 0  # frame index of _latents[:, 0]
+        self._seg_start = 0  # frame index of the segment start (decode chunk alignment)
+        self._next_first: int | None = None  # expected first_frame_index of the next window
+        self._cond_tail: Conditioning | None = None
+
+    def _time(self, name: str, t0: float) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def push_window(
+        self, frames: np.ndarray, prior_points: np.ndarray, prior_mask: np.ndarray, first_frame_index: int
+    ) -> list[FrameResult]:
+        """Process one window; returns results for the frames that became final (in frame order)."""
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[0] == 0:
+            raise ValueError(f"frames must be a non-empty (F, H, W, 3) array, got shape {frames.shape}")
+        f, h0, w0 = frames.shape[:3]
+        _check_sizes(self.size[0], self.size[1], h0, w0, self.window_size, self.overlap)
+        _check_prior(frames, prior_points, prior_mask)
+        if f > self.window_size:
+            raise ValueError(f"window has {f} frames, more than window_size {self.window_size}")
+        if self._out_size is not None and self._out_size != (h0, w0):
+            raise ValueError(f"frame size changed from {self._out_size} to {(h0, w0)} within a session")
+        self._out_size = (h0, w0)
+        results: list[FrameResult] = []
+        if self._next_first is not None and first_frame_index != self._next_first:
+            log.warning("window at frame %d does not continue the stream (expected %d): restarting stitching",
+                        first_frame_index, self._next_first)
+            results.extend(self.flush())
+        first = self._latents is None and self._next_first is None
+        if not first and f <= self.overlap:
+            raise ValueError(f"a continuing window needs more than overlap={self.overlap} frames, got {f}")
+        window_id = self.windows_done
+        gc = self.gc
+
+        t0 = time.perf_counter()
+        points = np.asarray(prior_points, np.float32)
+        mask = np.asarray(prior_mask, bool)
+        if self.stats is None:
+            self.stats = compute_stats(points, mask)
+            log.info("prior statistics frozen from window %d: s=%.4g lo=%.4g hi=%.4g",
+                     window_id, self.stats.scale, self.stats.lo, self.stats.hi)
+        reuse = 0 if first else self.overlap
+        x4 = prior_to_x4(points[reuse:], mask[reuse:], self.size, self.stats, nan_guard=self.nan_guard)
+        self._time("prior", t0)
+
+        t0 = time.perf_counter()
+        new = gc.encode(_frames_to_unit(frames[reuse:]), x4, self.size, self.decode_chunk_size)
+        cond = new if reuse == 0 else Conditioning.concat([self._cond_tail, new])  # type: ignore[list-item]
+        self._cond_tail = cond.slice(f - self.overlap, f) if self.overlap else None
+        self._time("encode", t0)
+
+        t0 = time.perf_counter()
+        x = None
+        if self._bank is not None and self.schedule is not None:
+            x = self._bank.take(f)
+            if not first and self.overlap > 0:
+                tail = self._latents[:, -self.overlap :]  # type: ignore[index]
+                x = gc.renoise(x, tail, self.overlap, self.schedule)
+        res = gc.denoise_window(cond, x, self.schedule)
+        if first:
+            self._latents = res.copy()
+            self._base = self._seg_start = first_frame_index
+            self._frame_window = [window_id] * f
+        else:
+            self._latents = stitch(self._latents, res, self.overlap)
+            if self.overlap:
+                self._frame_window[-self.overlap :] = [window_id] * self.overlap
+            self._frame_window += [window_id] * (f - self.overlap)
+        self._time("denoise", t0)
+        self.windows_done += 1
+        self._next_first = first_frame_index + f - self.overlap
+
+        final_end = first_frame_index + f - self.overlap  # the last `overlap` frames may still change
+        results.extend(self._emit(final_end, partial_ok=False))
+        return results
+
+    def flush(self) -> list[FrameResult]:
+        """End of stream (or of a segment): decode and return every held-back frame."""
+        if self._latents is None:
+            self._restart()
+            return []
+        results = self._emit(self._base + self._latents.shape[1], partial_ok=True)
+        self._restart()
+        return results
+
+    def _emit(self, final_end: int, partial_ok: bool) -> list[FrameResult]:
+        """Decode final frames [base, final_end) in chunks aligned to the segment start."""
+        assert self._latents is not None and self._out_size is not None
+        dc = self.decode_chunk_size
+        n_final = final_end - self._base
+        if not partial_ok:
+            # chunk boundaries at seg_start + k*dc: only whole chunks
+            n_final = ((final_end - self._seg_start) // dc) * dc + self._seg_start - self._base
+        if n_final <= 0:
+            return []
+        t0 = time.perf_counter()
+        z = self.gc.latents_to_z(self._latents[:, :n_final])
+        a, dl, vl = self.gc.decode(z, dc)
+        self._time("decode", t0)
+        t0 = time.perf_counter()
+        h0, w0 = self._out_size
+        maps = decode_post(a, dl, vl, (h0, w0), self.use_extract_interp)
+        if self.force_projection:
+            if self.force_fixed_focal:
+                if self.focal is None:
+                    self.focal = projected_focal(maps, per_frame=False)
+                    log.info("focal frozen from frames %d..%d", self._base, self._base + n_final - 1)
+                fx, fy = self.focal
+                fxs, fys = np.full(n_final, fx, np.float32), np.full(n_final, fy, np.float32)
+            else:
+                fx, fy = fxs, fys = projected_focal(maps, per_frame=True)
+            points, depth = points_from_maps(maps, fx, fy)
+        else:
+            points, depth = points_from_maps(maps, maps.fx, maps.fy)
+            fxs, fys = projected_focal(maps, per_frame=True)
+        intr = normalised_intrinsics(fxs, fys, h0, w0)
+        results = [
+            FrameResult(
+                frame_index=self._base + i,
+                window_id=self._frame_window[i],
+                point_map=points[i],
+                depth=depth[i],
+                mask=maps.valid[i],
+                intrinsics=tuple(float(v) for v in intr[i]),  # type: ignore[arg-type]
+            )
+            for i in range(n_final)
+        ]
+        self._latents = self._latents[:, n_final:]
+        self._frame_window = self._frame_window[n_final:]
+        self._base += n_final
+        self._time("post", t0)
+        return results

@@ -1,0 +1,185 @@
+"""Resamplers and the normalised pixel grid of GeometryCrafter, host-side (numpy), matching PyTorch.
+
+Reference: spec section 4.8 (torch ``F.interpolate`` modes, kornia ``create_meshgrid``, diffusers
+``_resize_with_antialiasing``). Every resize here is separable, so each is expressed as two small weight
+matrices (rows = output index, columns = input index) applied to the last two axes:
+``out = Wy @ x @ Wx.T``. Source positions are computed in float32 like PyTorch's CPU kernels (so the
+chosen taps and the linear weights are the same); kernel weights are float64 and the products run in
+float32 (float64 for float64 input). PyTorch's own float32 cubic weights carry rounding of up to ~5e-7
+(cancellation in the Keys polynomial), so fp32-vs-fp32 agreement on bicubic is ~1e-6 while agreement with
+torch run in float64 is ~1e-7 (tests/test_resample.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+MODES = ("bicubic_aa", "bilinear", "nearest_exact", "bicubic_ac")
+
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+    """Keys cubic convolution kernel (float64)."""
+    x = np.abs(np.asarray(x, np.float64))
+    return np.where(
+        x <= 1.0,
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0,
+        np.where(x < 2.0, ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a, 0.0),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def aa_bicubic_weights(n_in: int, n_out: int) -> np.ndarray:
+    """torch ``interpolate(mode="bicubic", antialias=True, align_corners=False)`` along one axis (a=-0.5)."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    support = np.float32(2.0) * max(scale, np.float32(1.0))
+    invscale = 1.0 / float(scale) if scale >= 1.0 else 1.0
+    w = np.zeros((n_out, n_in), np.float64)
+    for i in range(n_out):
+        center = scale * np.float32(i + 0.5)
+        lo = max(int(center - support + np.float32(0.5)), 0)
+        hi = min(int(center + support + np.float32(0.5)), n_in)
+        j = np.arange(lo, hi)
+        k = _cubic((j - float(center) + 0.5) * invscale, -0.5)
+        total = k.sum()
+        w[i, lo:hi] = k / total if total != 0 else k
+    return w
+
+
+@functools.lru_cache(maxsize=64)
+def bicubic_align_corners_weights(n_in: int, n_out: int) -> np.ndarray:
+    """torch ``interpolate(mode="bicubic", align_corners=True)`` along one axis (a=-0.75, clamped taps)."""
+    scale = np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.float32(0.0)
+    w = np.zeros((n_out, n_in), np.float64)
+    for i in range(n_out):
+        x = scale * np.float32(i)
+        x0 = int(math.floor(x))
+        t = float(x) - x0
+        taps = _cubic(np.array([t + 1.0, t, 1.0 - t, 2.0 - t]), -0.75)
+        for off, k in zip(range(-1, 3), taps):
+            w[i, min(max(x0 + off, 0), n_in - 1)] += k
+    return w
+
+
+@functools.lru_cache(maxsize=64)
+def bilinear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """torch ``interpolate(mode="bilinear", align_corners=False)`` along one axis (no antialias)."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    w = np.zeros((n_out, n_in), np.float64)
+    for i in range(n_out):
+        # one rounding of scale*(i+0.5)-0.5, like the fused multiply-add of torch's compiled kernel
+        src = max(np.float32(float(scale) * (i + 0.5) - 0.5), np.float32(0.0))
+        i0 = int(src)
+        i1 = i0 + 1 if i0 < n_in - 1 else i0
+        lam1 = float(src - np.float32(i0))
+        w[i, i0] += 1.0 - lam1
+        w[i, i1] += lam1
+    return w
+
+
+@functools.lru_cache(maxsize=64)
+def nearest_exact_weights(n_in: int, n_out: int) -> np.ndarray:
+    """torch ``interpolate(mode="nearest-exact")`` along one axis."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    w = np.zeros((n_out, n_in), np.float64)
+    for i in range(n_out):
+        w[i, min(int(math.floor(np.float32(i + 0.5) * scale)), n_in - 1)] = 1.0
+    return w
+
+
+_WEIGHTS = {
+    "bicubic_aa": aa_bicubic_weights,
+    "bilinear": bilinear_weights,
+    "nearest_exact": nearest_exact_weights,
+    "bicubic_ac": bicubic_align_corners_weights,
+}
+
+
+def _apply(x: np.ndarray, wy: np.ndarray, wx: np.ndarray) -> np.ndarray:
+    dt = np.float64 if x.dtype == np.float64 else np.float32
+    x = np.asarray(x, dt)
+    out = np.matmul(wy.astype(dt), x)  # (..., Ho, W)
+    return np.matmul(out, wx.T.astype(dt))  # (..., Ho, Wo)
+
+
+def resize(x: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    """Resize the last two axes of ``x`` to ``size`` = (H, W) with one of :data:`MODES`."""
+    if mode not in _WEIGHTS:
+        raise ValueError(f"unknown resize mode {mode!r}; allowed: {', '.join(MODES)}")
+    h_in, w_in = x.shape[-2:]
+    h_out, w_out = size
+    if (h_in, w_in) == (h_out, w_out) and mode != "bicubic_ac":
+        return np.asarray(x, np.float64 if x.dtype == np.float64 else np.float32).copy()
+    return _apply(x, _WEIGHTS[mode](h_in, h_out), _WEIGHTS[mode](w_in, w_out))
+
+
+@functools.lru_cache(maxsize=16)
+def gaussian_blur_weights(n: int, ksize: int, sigma: float) -> np.ndarray:
+    """kornia/diffusers separable Gaussian blur along one axis with reflect padding, as an (n, n) matrix."""
+    t = np.arange(ksize, dtype=np.float32) - np.float32(ksize // 2)
+    sig = np.float32(sigma)
+    g = np.exp(-(t * t) / (np.float32(2.0) * sig * sig)).astype(np.float32)
+    g = (g / g.sum(dtype=np.float32)).astype(np.float64)
+    pad = ksize // 2
+    if pad >= n:
+        raise ValueError(f"blur kernel {ksize} too large for an axis of {n} pixels (reflect padding)")
+    w = np.zeros((n, n), np.float64)
+    for i in range(n):
+        for k, tap in enumerate(g):
+            j = i + k - pad
+            if j < 0:
+                j = -j
+            elif j > n - 1:
+                j = 2 * (n - 1) - j
+            w[i, j] += tap
+    return w
+
+
+def resize224_params(
+    h: int, w: int, size: tuple[int, int] = (224, 224)
+) -> tuple[tuple[float, float], tuple[int, int]]:
+    """Blur sigmas and kernel sizes of diffusers ``_resize_with_antialiasing`` (spec 4.8)."""
+    sy = max((h / size[0] - 1.0) / 2.0, 0.001)
+    sx = max((w / size[1] - 1.0) / 2.0, 0.001)
+    ky, kx = int(max(2.0 * 2 * sy, 3)), int(max(2.0 * 2 * sx, 3))
+    ky += 1 - ky % 2
+    kx += 1 - kx % 2
+    return (sy, sx), (ky, kx)
+
+
+def resize224(x: np.ndarray, size: tuple[int, int] = (224, 224)) -> np.ndarray:
+    """diffusers ``_resize_with_antialiasing``: Gaussian blur (x then y, reflect) + bicubic align_corners.
+
+    Horizontal blur, vertical blur and the bicubic resize are all linear and separable, so they are folded
+    into one matrix per axis.
+    """
+    h, w = x.shape[-2:]
+    (sy, sx), (ky, kx) = resize224_params(h, w, size)
+    wy = bicubic_align_corners_weights(h, size[0]) @ gaussian_blur_weights(h, ky, sy)
+    wx = bicubic_align_corners_weights(w, size[1]) @ gaussian_blur_weights(w, kx, sx)
+    return _apply(x, wy, wx)
+
+
+def normalized_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """kornia ``create_meshgrid(normalized_coordinates=True)``: (g_x (W,), g_y (H,)) float32 in [-1, 1]."""
+    xs = np.arange(width, dtype=np.float32)
+    ys = np.arange(height, dtype=np.float32)
+    gx = (xs / np.float32(width - 1) - np.float32(0.5)) * np.float32(2.0)
+    gy = (ys / np.float32(height - 1) - np.float32(0.5)) * np.float32(2.0)
+    return gx.astype(np.float32), gy.astype(np.float32)
+
+
+def quantile_nearest(x: np.ndarray, q: float) -> np.float32:
+    """``torch.quantile(x.flatten(), q, interpolation="nearest")`` for a float32 array.
+
+    torch converts ``q`` to the input dtype and computes the rank ``q * (n - 1)`` in it, then rounds half
+    to even. A NaN anywhere gives NaN, like torch.
+    """
+    flat = np.asarray(x, np.float32).reshape(-1)
+    if np.isnan(flat).any():
+        return np.float32(np.nan)
+    rank = np.float32(q) * np.float32(flat.size - 1)
+    k = int(np.rint(rank))
+    return np.partition(flat, k)[k]
