@@ -64,7 +64,10 @@ DEFAULT_CONFIG_PATH = "config.toml"
 MAX_TIMEOUT_S = 86400.0
 
 # Reusable constrained types (msgspec checks them and names the failing key).
-PosSeconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_TIMEOUT_S)]
+# ge=0.001, not gt=0: msgspec checks gt=0 on floats as ">= the smallest denormal", which a process with
+# flush-to-zero/denormals-are-zero set (Jittor's -Ofast CPU kernels set them when loaded) lets 0.0 pass.
+MIN_SECONDS = 0.001
+PosSeconds = Annotated[float, msgspec.Meta(ge=MIN_SECONDS, le=MAX_TIMEOUT_S)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Multiple64 = Annotated[int, msgspec.Meta(ge=64, multiple_of=64)]
 

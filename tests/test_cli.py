@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -12,8 +13,14 @@ def test_every_command_module_registers() -> None:
     parser = build_parser()  # imports every command module: a missing one fails here
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == set(COMMANDS)
-    for name, action in sub.choices.items():
-        assert action.get_default("func") is not None, f"{name} sets no func"
+    for name, command_parser in sub.choices.items():
+        nested = [a for a in command_parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:  # e.g. `weights pull|check|make-tiny`: every leaf runs something, the group needs one
+            assert nested[0].required, f"{name}: a bare `geometryd {name}` must ask for a subcommand"
+            for leaf, leaf_parser in nested[0].choices.items():
+                assert leaf_parser.get_default("func") is not None, f"{name} {leaf} sets no func"
+        else:
+            assert command_parser.get_default("func") is not None, f"{name} sets no func"
 
 
 def test_top_level_help_lists_commands_without_importing_them() -> None:

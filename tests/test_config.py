@@ -350,3 +350,23 @@ url = "rtsp://admin:pa55word@192.0.2.7/live"
     with pytest.raises(ConfigError) as exc:
         load_config(_write(tmp_path, "[mqtt]\npassword = 12345\n"))
     assert "12345" not in str(exc.value) and 'mqtt.password = "***"' in str(exc.value)
+
+
+def test_zero_timeout_rejected_after_jittor_kernels_set_flush_to_zero(tmp_path: Path) -> None:
+    """Jittor's CPU kernels are built with -Ofast; loading one sets FTZ/DAZ for the thread. A bound like
+    msgspec's gt=0 (checked as >= the smallest denormal) then let 0.0 through (found by test order)."""
+    import numpy as np
+
+    from daemon.jittor_env import import_jittor
+    from daemon.model.attention import attention
+
+    jt = import_jittor()
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((6, 37, 64)).astype(np.float32)
+    k = rng.standard_normal((6, 29, 64)).astype(np.float32)
+    attention(jt.array(q), jt.array(k), jt.array(k), max_bytes=12876).numpy()  # loads such a kernel
+    tiny = np.array([5e-324], dtype=np.float64)
+    ftz = bool((tiny * 1.0)[0] == 0.0)
+    with pytest.raises(ConfigError):
+        load_config(_write(tmp_path, "[prior]\nrequest_timeout_s = 0\n"))
+    print("flush-to-zero active:", ftz)

@@ -1,0 +1,187 @@
+"""Sliding windows over a source's frames, and the overload policy that admits frames into them.
+
+Windows follow the pipeline contract (interfaces.md): the first window is ``window_size`` new frames;
+each later one is the last ``overlap`` frames of the previous window followed by ``stride = window_size -
+overlap`` new frames. A slot is referenced by every window that contains it and released to the ring when
+the last of those windows is done (overlap slots live through two windows).
+
+Overload (architecture.md "Streaming semantics"): at most ``bound`` complete windows may wait for the
+geometry stage (``skip``: 1, so the prior of window N+1 overlaps geometry of window N; ``queue``:
+``max_queued_windows``). For a live source a frame that would complete a window beyond that bound is not
+admitted (``skip`` counts it skipped, ``queue`` counts it dropped). ``skip`` additionally thins frames
+evenly before they enter a window, keeping the fraction ``capacity_fps / input_fps`` measured online, so
+the frames that survive are spread out instead of arriving in bursts. The ring therefore needs at most
+``window_size + (bound + 1) * stride`` slots (:func:`ring_slots`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+@dataclass
+class FrameMeta:
+    seq: int  # position among admitted frames of this source (what the pipeline sees as frame index)
+    frame_index: int  # the source's own frame number (published)
+    pts: float
+    t_ingest: float
+
+
+@dataclass
+class Window:
+    window_id: int
+    refs: list[Any]  # daemon.shm.SlotRef, oldest first
+    metas: list[FrameMeta]
+    n_new: int  # the last n_new frames are new; the first len(refs) - n_new were carried over
+    final: bool = False
+    prior_ok: bool = True  # set by the prior stage
+    prior_s: float = 0.0  # seconds the prior stage spent on this window
+
+    @property
+    def new_refs(self) -> list[Any]:
+        return self.refs[len(self.refs) - self.n_new:]
+
+    @property
+    def new_metas(self) -> list[FrameMeta]:
+        return self.metas[len(self.metas) - self.n_new:]
+
+    @property
+    def first_seq(self) -> int:
+        return self.metas[0].seq
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+
+def ring_slots(window_size: int, overlap: int, bound: int, slack: int) -> int:
+    """Slots one source's ring needs so that admitted frames never find it full (see module docstring)."""
+    return window_size + (bound + 1) * (window_size - overlap) + slack
+
+
+class WindowBuilder:
+    def __init__(self, window_size: int, overlap: int) -> None:
+        if not 0 <= overlap < window_size:
+            raise ValueError(f"overlap must be in [0, window_size), got {overlap} for window {window_size}")
+        self.window_size, self.overlap = window_size, overlap
+        self.stride = window_size - overlap
+        self._carry: list[tuple[Any, FrameMeta]] = []
+        self._new: list[tuple[Any, FrameMeta]] = []
+        self._refcount: dict[tuple[int, int], int] = {}
+        self._next_id = 0
+
+    @property
+    def needed(self) -> int:
+        """New frames still missing before the window being filled is complete."""
+        target = self.window_size if self._next_id == 0 else self.stride
+        return target - len(self._new)
+
+    @property
+    def held(self) -> int:
+        return len(self._new)
+
+    def add(self, ref: Any, meta: FrameMeta) -> Window | None:
+        self._refcount[(ref.slot, ref.generation)] = 1
+        self._new.append((ref, meta))
+        return self._emit(final=False) if self.needed == 0 else None
+
+    def finish(self) -> Window | None:
+        """End of stream: a last, shorter window holding the carried frames and the pending new ones."""
+        if not self._new:
+            return None
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> Window:
+        items = self._carry + self._new
+        win = Window(self._next_id, [r for r, _ in items], [m for _, m in items], len(self._new), final)
+        self._next_id += 1
+        self._carry = items[len(items) - self.overlap:] if self.overlap and not final else []
+        for ref, _ in self._carry:
+            self._refcount[(ref.slot, ref.generation)] += 1
+        self._new = []
+        return win
+
+    def done(self, window: Window) -> list[Any]:
+        """A window is finished (processed or abandoned): the slot refs whose last user it was."""
+        free = []
+        for ref in window.refs:
+            key = (ref.slot, ref.generation)
+            self._refcount[key] -= 1
+            if self._refcount[key] == 0:
+                del self._refcount[key]
+                free.append(ref)
+        return free
+
+    def abandon_pending(self) -> list[tuple[Any, FrameMeta]]:
+        """Drop the frames still being collected (shutdown without a final window); returns them."""
+        pending = self._new
+        self._new = []
+        for ref, _ in pending:
+            self._refcount.pop((ref.slot, ref.generation), None)
+        return pending
+
+    def release_carry(self) -> list[Any]:
+        """After the final window: the carried slots no window will use any more."""
+        free = []
+        for ref, _ in self._carry:
+            key = (ref.slot, ref.generation)
+            self._refcount[key] -= 1
+            if self._refcount[key] == 0:
+                del self._refcount[key]
+                free.append(ref)
+        self._carry = []
+        return free
+
+
+class Verdict(Enum):
+    ADMIT = "admit"
+    SKIP = "skip"
+    DROP = "drop"
+
+
+@dataclass
+class Admission:
+    """Decides, per arriving frame of a live source, whether it enters a window."""
+
+    policy: str  # "skip" | "queue"
+    max_queued_windows: int = 2
+    alpha: float = 0.2  # EMA weight of the rate estimates
+    input_fps: float | None = None
+    capacity_fps: float | None = None
+    _credit: float = 1.0
+    _last_arrival: float | None = field(default=None, repr=False)
+
+    @property
+    def bound(self) -> int:
+        return 1 if self.policy == "skip" else max(1, self.max_queued_windows)
+
+    def note_arrival(self, t: float) -> None:
+        if self._last_arrival is not None and t > self._last_arrival:
+            self.input_fps = self._ema(self.input_fps, 1.0 / (t - self._last_arrival))
+        self._last_arrival = t
+
+    def note_window(self, n_new: int, seconds: float, window_id: int = 1) -> None:
+        """Geometry (+prior) finished a window with n_new new frames in ``seconds`` of compute."""
+        if window_id == 0:
+            return  # a cold first window (ring attach, allocator warm-up) would under-estimate capacity
+        if seconds > 0 and n_new > 0:
+            self.capacity_fps = self._ema(self.capacity_fps, n_new / seconds)
+
+    def keep_fraction(self) -> float:
+        if self.policy != "skip" or not self.input_fps or not self.capacity_fps:
+            return 1.0
+        return min(1.0, self.capacity_fps / self.input_fps)
+
+    def decide(self, completes_window: bool, waiting_windows: int) -> Verdict:
+        if completes_window and waiting_windows >= self.bound:
+            return Verdict.SKIP if self.policy == "skip" else Verdict.DROP
+        if self.policy == "skip":
+            self._credit = min(1.0, self._credit + self.keep_fraction())
+            if self._credit < 1.0 - 1e-9:
+                return Verdict.SKIP
+            self._credit -= 1.0
+        return Verdict.ADMIT
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.alpha) * old + self.alpha * new
