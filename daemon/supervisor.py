@@ -356,7 +356,7 @@ class Daemon:
                 "dropped": dict(c.dropped), "error": r.error,
             }
         sidecar_up = self._sidecar_up()
-        mqtt_connected = None if self.mqtt is None else bool(getattr(self.mqtt, "connected", False))
+        mqtt_connected = None if self.mqtt is None else self.mqtt.connected
         worker_up = self.worker is not None and self.worker.alive
         ok = self.state == "ready" and sidecar_up and worker_up
         return {"ok": ok, "state": self.state, "sources": sources, "sidecar_up": sidecar_up,
@@ -365,11 +365,7 @@ class Daemon:
                 "loop_lag_ms": round(1e3 * self.lag.samples[-1], 3) if self.lag.samples else None}
 
     def _sidecar_up(self) -> bool:
-        sc = self.sidecar
-        if sc is None:
-            return False
-        connected = getattr(sc, "_connected", None)  # PriorSidecar exposes no public flag (yet)
-        return bool(connected.is_set()) if connected is not None else True
+        return self.sidecar is not None and self.sidecar.connected
 
     async def _close_ring(self, ring: Any) -> None:
         for user in (self.sidecar, self.worker):
