@@ -35,6 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from daemon.config import write_config  # noqa: E402  (after the path fix for script use)
+
 MODES = ("pipeline", "plumbing")
 
 
@@ -138,38 +140,19 @@ class RssSampler(threading.Thread):
 
 # ---- one daemon run ------------------------------------------------------------------------------------
 
-def config_text(model_dir: Path, clip: Path, p: E2EParams, mqtt_port: int | None) -> str:
-    return f"""[model]
-dir = "{model_dir}"
-variant = "{p.variant}"
-dtype = "fp32"
-[geometry]
-height = {p.work_height}
-width = {p.work_width}
-window_size = {p.window}
-overlap = {p.overlap}
-steps = {p.steps}
-decode_chunk_size = {p.decode_chunk_size}
-[prior]
-device = "cpu"
-resolution_level = 0
-[mqtt]
-enabled = {"true" if mqtt_port else "false"}
-port = {mqtt_port or 1883}
-depth_encoding = "png16"
-publish_points = true
-qos = 0
-[http]
-enabled = false
-[logging]
-format = "json"
-[daemon]
-watchdog_interval_s = 1.0
-[sources.clip]
-type = "file"
-path = "{clip}"
-realtime = {"true" if p.realtime else "false"}
-"""
+def config_tables(model_dir: Path, clip: Path, p: E2EParams, mqtt_port: int | None) -> dict[str, Any]:
+    return {
+        "model": {"dir": str(model_dir), "variant": p.variant, "dtype": "fp32"},
+        "geometry": {"height": p.work_height, "width": p.work_width, "window_size": p.window,
+                     "overlap": p.overlap, "steps": p.steps, "decode_chunk_size": p.decode_chunk_size},
+        "prior": {"device": "cpu", "resolution_level": 0},
+        "mqtt": {"enabled": mqtt_port is not None, "port": mqtt_port or 1883, "depth_encoding": "png16",
+                 "publish_points": True, "qos": 0},
+        "http": {"enabled": False},
+        "logging": {"format": "json"},
+        "daemon": {"watchdog_interval_s": 1.0},
+        "sources": {"clip": {"type": "file", "path": str(clip), "realtime": p.realtime}},
+    }
 
 
 def _log_times(stderr: str) -> dict[str, float]:
@@ -202,7 +185,7 @@ def run_mode(label: str, p: E2EParams, work: Path, model_dir: Path, clip: Path) 
         raise ValueError(f"mode must be one of {MODES}, got {label!r}")
     broker = start_mosquitto(work)
     cfg = work / f"{label}.toml"
-    cfg.write_text(config_text(model_dir, clip, p, broker[1] if broker else None))
+    write_config(cfg, config_tables(model_dir, clip, p, broker[1] if broker else None))
     summary = work / f"{label}-summary.json"
     summary.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "daemon", "run", "--config", str(cfg), "--exit-when-done", "--summary", str(summary)]

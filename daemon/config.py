@@ -317,6 +317,15 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return parse_config(raw, base_dir=path.resolve().parent)
 
 
+def write_config(path: Path, tables: dict[str, Any]) -> Config:
+    """Validate ``tables`` (a TOML document as nested dicts; omitted keys take their defaults) and write it
+    to ``path`` as a complete config file. For programs that run the daemon (the demo, benchmarks)."""
+    path = Path(path)
+    cfg = parse_config(tables, path.parent)
+    path.write_text(to_toml(cfg))
+    return cfg
+
+
 def parse_config(raw: dict[str, Any], base_dir: Path) -> Config:
     """Validate an already-parsed TOML document; relative paths resolve against ``base_dir``."""
     raw = dict(raw)

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from daemon.config import write_config
+
 NOTICE = (
     "NOTE: the tiny model has RANDOM weights - the depth maps above are not a prediction, they show that\n"
     "      every stage runs (decode -> shared memory -> MoGe sidecar -> Jittor GeometryCrafter -> MQTT).\n"
@@ -178,48 +180,20 @@ def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int] | None
 
 # ---- the demo --------------------------------------------------------------------------------------------
 
-def _config_text(model_dir: Path, clip: Path, args: argparse.Namespace, mqtt_port: int | None,
-                 out_dir: Path) -> str:
-    return f"""# written by `geometryd demo`
-[model]
-dir = {json.dumps(str(model_dir))}
-variant = "diff"
-dtype = "fp32"
-
-[geometry]
-height = {args.height}
-width = {args.width}
-window_size = {args.window}
-overlap = {args.overlap}
-steps = {args.steps}
-decode_chunk_size = 8
-
-[prior]
-device = "auto"
-resolution_level = 0
-
-[mqtt]
-enabled = {"true" if mqtt_port else "false"}
-port = {mqtt_port or 1883}
-qos = 1
-depth_encoding = "f16"
-topic_prefix = "demo"
-
-[files]
-enabled = true
-dir = {json.dumps(str(out_dir))}
-npz = "clip"
-
-[http]
-enabled = false
-
-[logging]
-level = "info"
-
-[sources.sample]
-type = "file"
-path = {json.dumps(str(clip))}
-"""
+def _config_tables(model_dir: Path, clip: Path, args: argparse.Namespace, mqtt_port: int | None,
+                   out_dir: Path) -> dict[str, Any]:
+    return {
+        "model": {"dir": str(model_dir), "variant": "diff", "dtype": "fp32"},
+        "geometry": {"height": args.height, "width": args.width, "window_size": args.window,
+                     "overlap": args.overlap, "steps": args.steps, "decode_chunk_size": 8},
+        "prior": {"device": "auto", "resolution_level": 0},
+        "mqtt": {"enabled": mqtt_port is not None, "port": mqtt_port or 1883, "qos": 1,
+                 "depth_encoding": "f16", "topic_prefix": "demo"},
+        "files": {"enabled": True, "dir": str(out_dir), "npz": "clip"},
+        "http": {"enabled": False},
+        "logging": {"level": "info"},
+        "sources": {"sample": {"type": "file", "path": str(clip)}},
+    }
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -254,7 +228,7 @@ async def _demo(args: argparse.Namespace) -> int:
     else:
         _say(f"local mosquitto on 127.0.0.1:{broker[1]}")
     cfg = workdir / "config.toml"
-    cfg.write_text(_config_text(model_dir, clip, args, broker[1] if broker else None, out_dir))
+    write_config(cfg, _config_tables(model_dir, clip, args, broker[1] if broker else None, out_dir))
     summary_path = workdir / "summary.json"
     received: dict[int, Any] = {}
     sub_task = None

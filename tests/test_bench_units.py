@@ -53,13 +53,14 @@ def test_log_times_reads_startup_milestones() -> None:
     assert _log_times("\n".join(lines)) == {"loaded": 10.0, "warm": 14.5, "ready": 15.0}
 
 
-def test_config_text_is_a_valid_config(tmp_path: Path) -> None:
-    from bench.e2e_cpu import E2EParams, config_text
-    from daemon.config import load_config
+def test_config_tables_write_a_valid_config(tmp_path: Path) -> None:
+    from bench.e2e_cpu import E2EParams, config_tables
+    from daemon.config import load_config, write_config
 
     cfg = tmp_path / "c.toml"
-    cfg.write_text(config_text(tmp_path / "model", tmp_path / "clip.mp4", E2EParams(), 1883))
+    written = write_config(cfg, config_tables(tmp_path / "model", tmp_path / "clip.mp4", E2EParams(), 1883))
     c = load_config(cfg)
+    assert c == written
     assert (c.geometry.height, c.geometry.width, c.geometry.window_size) == (64, 128, 16)
     assert c.sources["clip"].type == "file" and c.mqtt.enabled and c.logging.format == "json"
 

@@ -8,7 +8,7 @@ source's shared-memory ring (one copy, on the way to the device).
 
 ``IdentityGeometry`` is a PLUMBING-ONLY processor (returns the prior as the result, optionally after a
 fixed delay): it is selectable only through the hidden ``run --plumbing-identity-delay`` option (the
-plumbing mode of bench/bench_daemon.py), never by the config, and proves nothing about the pipeline.
+plumbing mode of bench/e2e_cpu.py), never by the config, and proves nothing about the pipeline.
 """
 
 from __future__ import annotations
