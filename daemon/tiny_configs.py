@@ -1,4 +1,4 @@
-"""Tiny configurations that keep the official structure (all levels, attention where the official model
+"""Tiny configurations (and the official ones they shrink) that keep the official structure (all levels, attention where the official model
 has it, several frames) and shrink only widths. Used by `geometryd weights make-tiny`, the demo and tests.
 
 Official values: ../shared/spec/geometrycrafter.md section 1.2. Constraint: every GroupNorm has 32 groups,
@@ -76,7 +76,44 @@ TINY_CLIP_VISION: dict[str, Any] = {
     "layer_norm_eps": 1e-5,
 }
 
-# Official point-map VAE config (spec 1.2), used by the manifest tests and the GPU benchmark.
+# Official configs (spec 1.2), used by the manifest tests and the GPU benchmark.
+OFFICIAL_UNET: dict[str, Any] = {
+    "sample_size": 96,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlockSpatioTemporal",) * 3 + ("DownBlockSpatioTemporal",),
+    "up_block_types": ("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * 3,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 768,
+    "layers_per_block": 2,
+    "cross_attention_dim": 1024,
+    "transformer_layers_per_block": 1,
+    "num_attention_heads": (5, 10, 20, 20),
+    "num_frames": 25,
+}
+OFFICIAL_SVD_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "sample_size": 768,
+    "scaling_factor": 0.18215,
+    "force_upcast": True,
+}
+OFFICIAL_CLIP_VISION: dict[str, Any] = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 32,
+    "patch_size": 14,
+    "image_size": 224,
+    "projection_dim": 1024,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+}
+
 OFFICIAL_POINT_MAP_VAE: dict[str, Any] = {
     "in_channels": 4,
     "latent_channels": 4,

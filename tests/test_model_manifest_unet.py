@@ -17,21 +17,8 @@ from pathlib import Path
 import pytest
 
 from daemon.manifest import MANIFEST_DIR as KEYS_DIR  # equal to the spec's copies (tests/test_weights.py)
+from daemon.tiny_configs import OFFICIAL_UNET
 
-OFFICIAL_UNET = {
-    "block_out_channels": [320, 640, 1280, 1280],
-    "num_attention_heads": [5, 10, 20, 20],
-    "cross_attention_dim": 1024,
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 768,
-    "layers_per_block": 2,
-    "transformer_layers_per_block": 1,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlockSpatioTemporal"] * 3 + ["DownBlockSpatioTemporal"],
-    "up_block_types": ["UpBlockSpatioTemporal"] + ["CrossAttnUpBlockSpatioTemporal"] * 3,
-    "num_frames": 25,
-    "sample_size": 96,
-}
 PARAMS = {12: 1_524_634_602, 8: 1_524_623_082}
 MAX_RSS_MB = 1500  # measured ~300 MB (Jittor core + two lazy trees); materialising one tree is ~6 GB
 

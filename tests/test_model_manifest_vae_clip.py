@@ -18,19 +18,9 @@ jt = import_jittor()
 from daemon.model.clip import ClipVision  # noqa: E402
 from daemon.model.loader import module_shapes  # noqa: E402
 from daemon.model.vae import PointMapVae, SvdVaeEncoder  # noqa: E402
-from daemon.tiny_configs import OFFICIAL_POINT_MAP_VAE  # noqa: E402
+from daemon.tiny_configs import OFFICIAL_CLIP_VISION as OFFICIAL_CLIP  # noqa: E402
+from daemon.tiny_configs import OFFICIAL_POINT_MAP_VAE, OFFICIAL_SVD_VAE  # noqa: E402
 from tests.model_testutil import read_tsv  # noqa: E402
-
-OFFICIAL_SVD_VAE = {
-    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
-    "scaling_factor": 0.18215, "force_upcast": True,
-}
-OFFICIAL_CLIP = {
-    "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 16, "num_hidden_layers": 32,
-    "patch_size": 14, "image_size": 224, "projection_dim": 1024, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
-}
-
 
 def _n_params(shapes: dict[str, tuple[int, ...]]) -> int:
     return sum(int(np.prod(s)) for s in shapes.values())

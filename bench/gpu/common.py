@@ -24,42 +24,12 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-OFFICIAL_UNET: dict[str, Any] = {
-    "sample_size": 96,
-    "out_channels": 4,
-    "down_block_types": ("CrossAttnDownBlockSpatioTemporal",) * 3 + ("DownBlockSpatioTemporal",),
-    "up_block_types": ("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * 3,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 768,
-    "layers_per_block": 2,
-    "cross_attention_dim": 1024,
-    "transformer_layers_per_block": 1,
-    "num_attention_heads": (5, 10, 20, 20),
-    "num_frames": 25,
-}
-OFFICIAL_SVD_VAE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "sample_size": 768,
-    "scaling_factor": 0.18215,
-    "force_upcast": True,
-}
-OFFICIAL_CLIP_VISION: dict[str, Any] = {
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "num_attention_heads": 16,
-    "num_hidden_layers": 32,
-    "patch_size": 14,
-    "image_size": 224,
-    "projection_dim": 1024,
-    "hidden_act": "gelu",
-    "layer_norm_eps": 1e-5,
-}
+from daemon.tiny_configs import (  # noqa: E402  (after the path fix: run as a script on the GPU machine)
+    OFFICIAL_CLIP_VISION,
+    OFFICIAL_SVD_VAE,
+    OFFICIAL_UNET,
+)
+
 # Prior substitute: a DINOv2-ViT-L/14-shaped encoder (24 x 1024 wide, 16 heads, MLP 4096) at MoGe's token
 # count (trained area 500000 px at resolution level 9, spec 4.2); MoGe's conv head is not included.
 VITL: dict[str, int] = {"dim": 1024, "depth": 24, "heads": 16, "mlp": 4096, "area": 500_000}
