@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from daemon.jittor_env import import_jittor
+from daemon.model import conv_cpu, norm_cpu
 from daemon.model.attention import attention
 
 jt = import_jittor()
@@ -78,7 +79,14 @@ class GroupNorm(nn.Module):
         self.weight = jt.ones((num_channels,), "float32")
         self.bias = jt.zeros((num_channels,), "float32")
 
-    def execute(self, x: Var) -> Var:
+    def execute(self, x: Var, act: str = "") -> Var:
+        """``act="silu"`` applies SiLU to the result (fused into the kernel on CPU)."""
+        if not jt.flags.use_cuda:
+            return norm_cpu.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, act).cast(x.dtype)
+        out = self._graph(x)
+        return silu(out) if act == "silu" else out
+
+    def _graph(self, x: Var) -> Var:
         shape = x.shape
         n, c = shape[0], shape[1]
         g = self.num_groups
@@ -124,7 +132,13 @@ def matmul(a: Var, b: Var) -> Var:
     Jittor's CPU matmul accumulates in the operand type, ~5x the error of torch's fp16, so on CPU fp16
     operands are multiplied in fp32 and the product is rounded once.
     """
-    if a.dtype == "float16" and not jt.flags.use_cuda:
+    if jt.flags.use_cuda:
+        return jt.matmul(a, b)
+    if a.ndim == 2 and b.ndim == 2:
+        y = conv_cpu.matmul2d(a.float32(), b.float32())
+        if y is not None:
+            return y.cast(a.dtype)
+    if a.dtype == "float16":
         return jt.matmul(a.float32(), b.float32()).float16()
     return jt.matmul(a, b)
 
@@ -171,12 +185,20 @@ class Conv2d(nn.Module):
         x = x.cast(w.dtype)
         if jt.flags.use_cuda:
             return nn.conv2d(x, w, self.bias, self.stride, self.padding)
-        return conv2d_im2col(x, w, self.bias, self.stride, self.padding)
+        return conv2d_cpu(x, w, self.bias, self.stride, self.padding)
+
+
+def conv2d_cpu(x: Var, w: Var, b: Var | None, stride: int, padding: int) -> Var:
+    """CPU convolution: oneDNN (fp32 math, also for fp16 operands) when available, else im2col."""
+    y = conv_cpu.conv2d(x.float32(), w.float32(), b, stride, padding)
+    if y is None:
+        return conv2d_im2col(x, w, b, stride, padding)
+    return y.cast(x.dtype)
 
 
 def conv2d_im2col(x: Var, w: Var, b: Var | None, stride: int, padding: int) -> Var:
-    """CPU convolution as shifted slices + one matmul. Jittor's CPU conv (no MKL offline) is ~7x slower;
-    this costs k*k times the input in memory, acceptable at the small sizes run on CPU. CUDA uses cuDNN."""
+    """CPU convolution as shifted slices + one matmul: the fallback without oneDNN (daemon.model.conv_cpu).
+    Jittor's own CPU conv (no MKL offline) is ~7x slower; this costs k*k times the input in memory."""
     n, ci, h, wd = x.shape
     co, _, kh, kw = w.shape
     if padding:
@@ -221,6 +243,12 @@ class TemporalConv(nn.Module):
         b, c, f, h, wd = x.shape
         k = self.kernel_frames
         p = k // 2
+        if not jt.flags.use_cuda:
+            # a (k,1) 2-D convolution over [B,C,F,H*W]: one oneDNN call, no layout change
+            y = conv_cpu.conv2d(x.float32().reshape(b, c, f, h * wd), w.float32().reshape(*w.shape[:3], 1),
+                                self.bias, 1, (p, 0))
+            if y is not None:
+                return y.reshape(b, self.out_channels, f, h, wd).cast(x.dtype)
         # [B,C,F,H*W] -> [B,F,H*W,C] so each tap is one matmul over channels
         xt = x.reshape(b, c, f, h * wd).transpose(0, 2, 3, 1)
         if p:
@@ -287,10 +315,10 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def execute(self, x: Var, temb: Var | None = None) -> Var:
-        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x, act="silu"))
         if self.time_emb_proj is not None and temb is not None:
             h = h + self.time_emb_proj(silu(temb)).reshape(temb.shape[0], -1, 1, 1).cast(h.dtype)
-        h = self.conv2(silu(self.norm2(h)))
+        h = self.conv2(self.norm2(h, act="silu"))
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x.cast(h.dtype)
         return skip + h
 
@@ -308,11 +336,11 @@ class TemporalResnetBlock(nn.Module):
 
     def execute(self, x: Var, temb: Var | None = None) -> Var:
         """x [B,C,F,H,W]; temb [B,F,E] or None."""
-        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x, act="silu"))
         if self.time_emb_proj is not None and temb is not None:
             t = self.time_emb_proj(silu(temb))  # [B,F,C]
             h = h + t.transpose(0, 2, 1).reshape(t.shape[0], t.shape[2], t.shape[1], 1, 1).cast(h.dtype)
-        h = self.conv2(silu(self.norm2(h)))
+        h = self.conv2(self.norm2(h, act="silu"))
         return x.cast(h.dtype) + h
 
 

@@ -1,0 +1,118 @@
+"""CPU convolution and GEMM backend of the Jittor networks: oneDNN from the system (Debian ``libdnnl-dev``).
+
+Jittor ships its oneDNN ops (``jittor/extern/mkl/ops``: ``mkl_conv``, ``mkl_matmul``) but would download
+oneDNN 2.2.0 to build them (``use_mkl=1``), which cannot work offline, so :mod:`daemon.jittor_env` sets
+``use_mkl=0``. Here the same op sources are compiled once against the system's oneDNN 2.x (same API; the
+kernel cache keeps the build) and called directly: no Jittor tuner pass is involved.
+
+Backends (``GEOMETRYD_CPU_CONV`` overrides the choice): ``onednn`` when ``dnnl.hpp`` and ``libdnnl.so`` are
+found (``GEOMETRYD_DNNL_PREFIX``, default ``/usr``), else ``im2col`` (shifted slices + Jittor's own loop
+matmul, no dependency, ~10x slower). oneDNN's kernels are prebuilt: Jittor's ``-Ofast`` does not touch their
+arithmetic (fp32 with fp32 accumulation, like torch's CPU kernels).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from daemon.jittor_env import import_jittor
+
+log = logging.getLogger(__name__)
+
+Var = Any  # jittor.Var
+
+ONEDNN, IM2COL = "onednn", "im2col"
+_BACKENDS = (ONEDNN, IM2COL)
+_OPS = ("mkl_conv", "mkl_matmul")
+_state: dict[str, Any] = {}
+
+
+def dnnl_paths(prefix: str | None = None) -> tuple[Path, Path] | None:
+    """(include dir, lib dir) of a oneDNN 2.x install, or None. 3.x is refused: Jittor's ops use 2.x's
+    ``convolution_forward::desc``."""
+    root = Path(prefix or os.environ.get("GEOMETRYD_DNNL_PREFIX") or "/usr")
+    incs = [root / "include"]
+    libs = [root / "lib" / "x86_64-linux-gnu", root / "lib" / "aarch64-linux-gnu", root / "lib64", root / "lib"]
+    inc = next((d for d in incs if (d / "dnnl.hpp").is_file()), None)
+    lib = next((d for d in libs if (d / "libdnnl.so").exists()), None)
+    if inc is None or lib is None:
+        return None
+    version = inc / "oneapi" / "dnnl" / "dnnl_version.h"
+    if not version.is_file():
+        version = inc / "dnnl_version.h"
+    if version.is_file() and "#define DNNL_VERSION_MAJOR 2" not in version.read_text():
+        return None
+    return inc, lib
+
+
+def _compile_ops(paths: tuple[Path, Path]) -> ModuleType:
+    jt = import_jittor()
+    import jittor.compiler
+
+    op_dir = Path(jittor.__file__).parent / "extern" / "mkl" / "ops"
+    files = [str(op_dir / f"{name}_op{ext}") for name in _OPS for ext in (".cc", ".h")]
+    inc, lib = paths
+    flags = f' -I"{inc}" -L"{lib}" -Wl,-rpath,"{lib}" -ldnnl '
+    ops = jittor.compiler.compile_custom_ops(files, extra_flags=flags)
+    del jt
+    return ops
+
+
+def _select() -> tuple[str, ModuleType | None, str]:
+    want = os.environ.get("GEOMETRYD_CPU_CONV", "").strip().lower()
+    if want and want not in _BACKENDS:
+        raise ValueError(f"GEOMETRYD_CPU_CONV must be one of {_BACKENDS}, got {want!r}")
+    if want == IM2COL:
+        return IM2COL, None, "GEOMETRYD_CPU_CONV=im2col"
+    paths = dnnl_paths()
+    if paths is None:
+        reason = "oneDNN 2.x not found (apt-get install libdnnl-dev)"
+        if want == ONEDNN:
+            raise RuntimeError(f"GEOMETRYD_CPU_CONV=onednn: {reason}")
+        return IM2COL, None, reason
+    try:
+        ops = _compile_ops(paths)
+    except Exception as exc:  # a broken toolchain/header must not take the networks down
+        if want == ONEDNN:
+            raise
+        log.warning("oneDNN ops do not build (%s); CPU convolutions use im2col", exc)
+        return IM2COL, None, f"oneDNN ops do not build: {exc}"
+    return ONEDNN, ops, f"oneDNN from {paths[1]}"
+
+
+def backend() -> tuple[str, str]:
+    """(name, reason) of the CPU backend, chosen (and the oneDNN ops built) at the first call."""
+    if "name" not in _state:
+        name, ops, reason = _select()
+        _state.update(name=name, ops=ops, reason=reason)
+    return _state["name"], _state["reason"]
+
+
+def _ops() -> ModuleType | None:
+    backend()
+    return _state["ops"]
+
+
+def conv2d(x: Var, w: Var, b: Var | None, stride: int, padding: int | tuple[int, int]) -> Var | None:
+    """fp32 NCHW convolution (zero padding, ``padding`` int or (h, w)) through oneDNN, or None when that
+    backend is off (the caller falls back)."""
+    ops = _ops()
+    if ops is None or x.dtype != "float32" or w.dtype != "float32":
+        return None
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    y = ops.mkl_conv(x, w, stride, stride, ph, pw)
+    if b is not None:
+        y = y + b.float32().reshape(1, -1, 1, 1)
+    return y
+
+
+def matmul2d(a: Var, b: Var) -> Var | None:
+    """fp32 [n,k] @ [k,m] through oneDNN's sgemm, or None when that backend is off."""
+    ops = _ops()
+    if ops is None or a.ndim != 2 or b.ndim != 2 or a.dtype != "float32" or b.dtype != "float32":
+        return None
+    return ops.mkl_matmul(a, b, False, False)
