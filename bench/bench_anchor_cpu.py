@@ -3,18 +3,18 @@
 Both sides get the same tiny random weights in the official layout (``daemon.tiny.make_tiny``, MoGe left
 out), the same frames and priors (``tests.pipeline_fixtures.synthetic_clip``), the same injected noise, fp32.
 The torch side is ``tests/torch_ref_pipeline.TorchRefPipeline`` (diffusers/transformers networks + the torch
-point-map VAE reference); its stages are timed by wrapping its network calls: encode = CLIP + SVD VAE encoder
-+ point-map VAE encoder, denoise = the UNet calls, decode = the point-map VAE decoder. geometryd's stages are
-``GeometryOutput.timings``. "total" is the wall time of one whole call on either side (prior/post included).
+point-map VAE reference); its stages are cut at the same boundaries as geometryd's ``GeometryOutput.timings``
+(see :class:`TorchSide`): encode (resizes, CLIP, both VAE encoders), denoise (UNet, scheduler, stitching),
+decode (point-map decoder). "total" is the wall time of one whole call on either side (prior/post included).
 
 Anchor (full): 26 frames 136x232 -> 128x256, window 9, overlap 3, 4 steps, decode chunk 5.
 ``--short``: 7 frames 72x100 -> 64x128, window 3, overlap 1, 2 steps, decode chunk 3 (the parity test's setup).
-Each side runs once untimed (Jittor compiles its kernels, torch allocates), then ``--runs`` timed rounds in
-which the two sides alternate (the machine is shared: a ratio is taken within a round, and the reported
+geometryd runs once untimed first (Jittor compiles its kernels for the shapes; torch has nothing to warm up
+beyond its first layer calls), then ``--runs`` timed rounds in which the two sides alternate (the machine is shared: a ratio is taken within a round, and the reported
 ratio is the median over rounds). The point maps of the two sides are compared too.
 
 Writes ``bench/results/anchor_cpu.json`` (``--out``).
-Usage: ``python bench/bench_anchor_cpu.py [--short] [--runs 2] [--variants diff determ]``.
+Usage: ``python bench/bench_anchor_cpu.py [--short] [--runs 1] [--variants diff determ]``.
 """
 
 from __future__ import annotations
@@ -62,43 +62,46 @@ ANCHOR = AnchorConfig(26, 136, 232, 128, 256, 9, 3, 4, 5)
 SHORT = AnchorConfig(7, 72, 100, 64, 128, 3, 1, 2, 3)
 
 
-class _StageClock:
-    """Accumulates the wall time of wrapped calls per stage."""
+class _Marks:
+    """Start time of the first call and summed wall time of the wrapped calls, per name."""
 
     def __init__(self) -> None:
-        self.t: dict[str, float] = {s: 0.0 for s in STAGES}
+        self.first: dict[str, float] = {}
+        self.total: dict[str, float] = {}
 
-    def wrap(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
+            self.first.setdefault(name, t0)
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.t[stage] += time.perf_counter() - t0
+                self.total[name] = self.total.get(name, 0.0) + time.perf_counter() - t0
 
         return timed
 
 
 class TorchSide:
+    """The reference's stages by the boundaries geometryd uses: encode = the chunk loop (resizes, CLIP, both
+    VAE encoders) = first UNet call - start - prior; denoise = first decoder call - first UNet call
+    (UNet, scheduler, stitching); decode = the point-map decoder calls."""
+
     def __init__(self, model_dir: Path, variant: str) -> None:
         import tests.torch_ref_pipeline as ref_mod
         from tests.pipeline_fixtures import load_torch_point_map_vae
 
-        self.clock = _StageClock()
-        pmap = load_torch_point_map_vae(model_dir / "point_map_vae")
-        self.ref = ref_mod.TorchRefPipeline(model_dir, variant, pmap)
-        c = self.clock
-        self.ref.clip = c.wrap("encode", self.ref.clip)
-        self.ref.vae.encode = c.wrap("encode", self.ref.vae.encode)
-        pmap.encode = c.wrap("encode", pmap.encode)
-        pmap.decode = c.wrap("decode", pmap.decode)
+        self.pmap = load_torch_point_map_vae(model_dir / "point_map_vae")
+        self.ref = ref_mod.TorchRefPipeline(model_dir, variant, self.pmap)
+        self._prior, self._decode = self.ref.prior, self.pmap.decode
         self._unet = ref_mod.vid2vid_unet_forward
         self._mod = ref_mod
 
     def __call__(self, inputs: dict[str, np.ndarray], cfg: AnchorConfig) -> tuple[dict[str, float], np.ndarray,
                                                                                    np.ndarray]:
-        self.clock.t = {s: 0.0 for s in STAGES}
-        self._mod.vid2vid_unet_forward = self.clock.wrap("denoise", self._unet)
+        marks = _Marks()
+        self.ref.prior = marks.wrap("prior", self._prior)
+        self.pmap.decode = marks.wrap("decode", self._decode)
+        self._mod.vid2vid_unet_forward = marks.wrap("unet", self._unet)
         try:
             t0 = time.perf_counter()
             out = self.ref(inputs["frames"], inputs["points"], inputs["mask"], noise=inputs["noise"],
@@ -106,7 +109,11 @@ class TorchSide:
             total = time.perf_counter() - t0
         finally:
             self._mod.vid2vid_unet_forward = self._unet
-        return {**self.clock.t, "total": total}, out.point_map, out.mask
+            self.ref.prior, self.pmap.decode = self._prior, self._decode
+        times = {"encode": marks.first["unet"] - t0 - marks.total["prior"],
+                 "denoise": marks.first["decode"] - marks.first["unet"],
+                 "decode": marks.total["decode"], "total": total}
+        return times, out.point_map, out.mask
 
 
 class GeometrydSide:
@@ -151,27 +158,30 @@ def run_variant(model_dir: Path, variant: str, cfg: AnchorConfig, runs: int, log
     inputs = make_inputs(cfg)
     torch_side = TorchSide(model_dir, variant)
     gd_side = GeometrydSide(model_dir, variant)
-    warm: dict[str, dict[str, float]] = {}
-    warm["torch"], pm_t, m_t = torch_side(inputs, cfg)
-    warm["geometryd"], pm_g, m_g = gd_side(inputs, cfg)
-    log(f"{variant} warm-up: torch {warm['torch']['total']:.1f} s, geometryd {warm['geometryd']['total']:.1f} s")
+    warm, pm_g, m_g = gd_side(inputs, cfg)  # compiles Jittor's kernels for these shapes
+    log(f"{variant} geometryd warm-up {warm['total']:.1f} s")
     rounds = []
+    pm_t = m_t = None
     for i in range(runs):
         order = ("torch", "geometryd") if i % 2 == 0 else ("geometryd", "torch")
         r: dict[str, dict[str, float]] = {}
         for side in order:
-            r[side] = (torch_side if side == "torch" else gd_side)(inputs, cfg)[0]
+            if side == "torch":
+                r[side], pm_t, m_t = torch_side(inputs, cfg)
+            else:
+                r[side] = gd_side(inputs, cfg)[0]
         rounds.append(r)
         log(f"{variant} round {i}: " + ", ".join(
             f"{k} {r['geometryd'][k]:.2f}/{r['torch'][k]:.2f} s" for k in (*STAGES, "total")))
-    return {"variant": variant, "warmup": warm, "rounds": rounds, **summarise(rounds),
+    assert pm_t is not None and m_t is not None
+    return {"variant": variant, "geometryd_warmup": warm, "rounds": rounds, **summarise(rounds),
             "parity": compare(pm_g, m_g, pm_t, m_t)}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--short", action="store_true", help="the parity test's small setup instead of the anchor")
-    ap.add_argument("--runs", type=int, default=2, help="timed rounds per variant (sides alternate)")
+    ap.add_argument("--runs", type=int, default=1, help="timed rounds per variant (sides alternate)")
     ap.add_argument("--variants", nargs="+", default=["diff", "determ"], choices=["diff", "determ"])
     ap.add_argument("--model-dir", type=Path, default=None, help="a make-tiny folder (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "anchor_cpu.json")

@@ -86,10 +86,13 @@ from daemon.jittor_env import import_jittor
 jt = import_jittor()
 assert (jt.array([1.0, 2.0]) * 2).numpy().tolist() == [2.0, 4.0]
 import jittor.compiler
+seconds = round(time.monotonic() - t0, 2)
+from daemon.model.conv_cpu import backend
+conv, conv_reason = backend()
 print({_JSON_MARK!r} + json.dumps({{
-    "seconds": round(time.monotonic() - t0, 2), "version": jt.__version__, "file": jt.__file__,
+    "seconds": seconds, "version": jt.__version__, "file": jt.__file__,
     "use_cuda": int(jt.flags.use_cuda), "has_cuda": int(jittor.compiler.has_cuda),
-    "cache_path": jittor.compiler.cache_path}}), flush=True)
+    "cache_path": jittor.compiler.cache_path, "cpu_conv": conv, "cpu_conv_reason": conv_reason}}), flush=True)
 """
 
 
@@ -133,6 +136,18 @@ def check_jittor_import(result: dict | None, error: str, cuda_reason: str) -> Ch
     if cuda_reason == "ok":  # a usable device, but Jittor built without CUDA
         return Check("jittor import", WARN, f"{took}; Jittor runs on CPU although CUDA is usable", result)
     return Check("jittor import", OK, f"{took}; Jittor runs on CPU ({cuda_reason})", result)
+
+
+def check_cpu_conv(result: dict | None) -> Check:
+    """The CPU backend of the networks' convolutions/GEMMs (daemon/model/conv_cpu.py): oneDNN or the slow
+    im2col fallback (used when Jittor runs on the CPU)."""
+    if result is None or "cpu_conv" not in result:
+        return Check("cpu conv", WARN, "unknown (Jittor did not import)")
+    name, reason = result["cpu_conv"], result.get("cpu_conv_reason", "")
+    data = {"backend": name, "reason": reason}
+    if name == "onednn":
+        return Check("cpu conv", OK, f"oneDNN ({reason})", data)
+    return Check("cpu conv", WARN, f"im2col fallback, ~10x slower on CPU ({reason})", data)
 
 
 def check_cuda() -> Check:
@@ -353,6 +368,7 @@ def run_checks(jittor_dir: Path | None = None, jittor_timeout_s: float = 900.0,
         jittor_check,
         _guard("jittor import", lambda: check_jittor_import(result, error, cuda_reason), blocking=True),
         Check("jittor cache", OK, str((result or {}).get("cache_path") or Path.home() / ".cache" / "jittor")),
+        _guard("cpu conv", lambda: check_cpu_conv(result)),
         cuda_check,
         _guard("nvcc", lambda: check_nvcc(nvcc, release)),
         _guard("cudnn", check_cudnn),

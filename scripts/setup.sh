@@ -9,9 +9,10 @@ VENV="$ROOT/.venv"
 STAMP_DIR="$VENV/.geometryd-stamps"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-# 1. Debian packages (mosquitto, GStreamer RTSP server for the RTSP camera fixture, chromium for the viewer test).
+# 1. Debian packages (mosquitto, GStreamer RTSP server for the RTSP camera fixture, chromium for the viewer test,
+#    oneDNN 2.x for the Jittor networks' CPU convolutions: daemon/model/conv_cpu.py).
 APT_PKGS=(mosquitto python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
-          gstreamer1.0-plugins-ugly chromium systemd)
+          gstreamer1.0-plugins-ugly chromium systemd libdnnl-dev)
 if [ "${GEOMETRYD_SKIP_APT:-0}" != 1 ]; then
   missing=()
   for p in "${APT_PKGS[@]}"; do
@@ -58,5 +59,11 @@ if [ ! -f "$STAMP_DIR/jittor" ]; then
   log "first Jittor import (compiles its core once; a few minutes on 2 cores)"
   "$VENV/bin/python" -c "from daemon.jittor_env import import_jittor; jt = import_jittor(); assert (jt.array([1.0, 2.0]) * 2).numpy().tolist() == [2.0, 4.0]"
   touch "$STAMP_DIR/jittor"
+fi
+# 5. The CPU backend of the networks: Jittor's oneDNN ops built against libdnnl (once, ~30 s; cached).
+if [ ! -f "$STAMP_DIR/cpu-conv" ]; then
+  log "building the oneDNN CPU convolution ops"
+  "$VENV/bin/python" -c "from daemon.model.conv_cpu import backend; print('[setup] CPU conv backend: %s (%s)' % backend())" >&2
+  touch "$STAMP_DIR/cpu-conv"
 fi
 log "ready: $VENV"

@@ -14,6 +14,7 @@ import numpy
 import pytest
 
 from daemon import doctor, jittor_env, jittor_patches
+from daemon.model.conv_cpu import dnnl_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = jittor_env.detect_cuda()
@@ -32,7 +33,7 @@ def test_doctor_reports_every_check_and_exits_0() -> None:
     lines = out.stdout.strip().splitlines()
     line_re = re.compile(r"^(ok|warn|FAIL)\s+(.+?)  +(.*)$")
     checks = {m.group(2): (m.group(1), m.group(3)) for line in lines if (m := line_re.match(line))}
-    for name in ["python", "numpy", "jittor", "jittor import", "jittor cache", "cuda", "nvcc", "cudnn",
+    for name in ["python", "numpy", "jittor", "jittor import", "jittor cache", "cpu conv", "cuda", "nvcc", "cudnn",
                  "jittor patches", "gpu", "torch", "moge", "diffusers", "transformers", "pyav", "mosquitto",
                  "gst-rtsp-server", "chromium"]:
         assert name in checks, f"{name} missing from:\n{out.stdout}"
@@ -40,6 +41,8 @@ def test_doctor_reports_every_check_and_exits_0() -> None:
     status, detail = checks["jittor import"]
     assert status == "ok"
     assert ("Jittor runs on CUDA" if CUDA.driver_ok else "Jittor runs on CPU") in detail
+    if dnnl_paths() is not None:  # setup.sh installs libdnnl-dev: the ops must build and be chosen
+        assert checks["cpu conv"][0] == "ok" and checks["cpu conv"][1].startswith("oneDNN"), checks["cpu conv"]
     assert lines[-1].endswith("FAIL -> exit 0") and " 0 FAIL" in lines[-1]
 
 

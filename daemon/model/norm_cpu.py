@@ -3,7 +3,8 @@
 Jittor's CPU kernels run on one thread and the graph version of GroupNorm takes three passes over the
 activations plus one for the SiLU that usually follows; this kernel reads the input twice (statistics) and
 writes the output once, on all cores (OpenMP over the N*G groups). Statistics are accumulated in double,
-two-pass (mean, then the centred sum of squares), so -Ofast's reassociation of the sums cannot hurt them.
+two-pass (mean, then the centred sum of squares), so -Ofast's reassociation of the sums cannot hurt them,
+and every value is centred in double before it is scaled.
 fp32 only; the caller casts.
 """
 
@@ -40,13 +41,14 @@ for (int ng = 0; ng < N * G; ng++) {{
     const double rstd = 1.0 / sqrt(ss / (double)L + (double){eps!r});
     for (int cc = 0; cc < CG; cc++) {{
         const int c = g * CG + cc;
-        const float a = (float)(rstd * (double)w[c]);
-        const float sh = (float)((double)b[c] - mean * rstd * (double)w[c]);
+        const double a = rstd * (double)w[c];
+        const float sh = b[c];
         const float* xr = xs + (long long)cc * S;
         float* yr = ys + (long long)cc * S;
         #pragma omp simd
         for (int i = 0; i < S; i++) {{
-            float v = xr[i] * a + sh;
+            // centre in double: x*a + (b - mean*a) in fp32 cancels badly for large-mean activations
+            float v = (float)(((double)xr[i] - mean) * a) + sh;
             {act}
             yr[i] = v;
         }}
