@@ -142,6 +142,18 @@ def _sub_section(name: str, data: dict[str, Any] | None, run: dict[str, Any] | N
             out.append(f"| {r.get('name')} | {shapes} | {_fmt(r.get('torch_ms_median'))} | "
                        f"{_fmt(r.get('jittor_ms_median'))} | {_fmt(r.get('jittor_over_torch'))} | "
                        f"{_fmt(r.get('max_rel_err'), 2)} |")
+    elif name == "anchor_cpu" and isinstance(data.get("results"), list):
+        cfg = data.get("config", {})
+        out += ["", f"{cfg.get('frames')} frames {cfg.get('in_height')}x{cfg.get('in_width')} -> "
+                f"{cfg.get('height')}x{cfg.get('width')}, window {cfg.get('window_size')}, overlap {cfg.get('overlap')}, "
+                f"{cfg.get('num_inference_steps')} steps, decode chunk {cfg.get('decode_chunk_size')}; fp32, CPU conv "
+                f"backend {data.get('cpu_conv_backend')}; median of {data.get('runs')} interleaved round(s).", "",
+                "| variant | stage | geometryd s | torch s | geometryd / torch |", "|---|---|---|---|---|"]
+        for r in data["results"]:
+            med, ratio = r.get("median_s", {}), r.get("ratio_geometryd_over_torch", {})
+            for stage in ("encode", "denoise", "decode", "total"):
+                out.append(f"| {r.get('variant')} | {stage} | {_fmt(med.get('geometryd', {}).get(stage))} | "
+                           f"{_fmt(med.get('torch', {}).get(stage))} | {_fmt(ratio.get(stage))} |")
     elif name == "shm" and "shm" in data:
         b = data.get("socket_bytes_baseline", {})
         out += ["", f"{data.get('frames')} frames of {data.get('height')}x{data.get('width')} ({_fmt(data.get('frame_mib'))} MiB):"
@@ -174,7 +186,7 @@ def write_report(results: Path, out: Path) -> Path:
     if not runs:
         lines += ["(This suite run skipped the components: the files below are the owners' own latest runs; "
                   "each JSON carries its machine block and timestamp.)", ""]
-    for name in ("shm", "prior", "networks_cpu"):
+    for name in ("shm", "prior", "networks_cpu", "anchor_cpu"):
         if name in runs or (results / f"{name}.json").exists():
             lines += _sub_section(name, _load(results / f"{name}.json"), runs.get(name))
     gpu = sorted(set(results.glob("gpu_*.json")) | set((REPO / "bench" / "results").glob("gpu_*.json")))

@@ -4,7 +4,8 @@
    generated 576x1024 clip, for the whole tiny pipeline and for the plumbing alone (identity geometry,
    labelled as such);
 2. the component scripts of the other owners, each as its own process: bench/bench_shm.py,
-   bench/bench_prior.py and bench/bench_networks_cpu.py when present (smaller arguments with --short);
+   bench/bench_prior.py, bench/bench_networks_cpu.py and bench/bench_anchor_cpu.py when present (smaller
+   arguments with --short);
 3. bench/report.py: bench/REPORT.md (or REPORT.md beside a custom results folder) with a PIL plot.
 
 Results: ``<results>/suite.json`` (what ran, exit codes, wall times, machine) and each script's own JSON in
@@ -58,6 +59,11 @@ def component_commands(short: bool, results: Path) -> list[tuple[str, list[str],
         extra = ["--runs", "1", "--only", "clip_vision", "--only", "unet_vid2vid"] if short else []
         cmds.append(("networks_cpu", [py, "bench/bench_networks_cpu.py", *extra,
                                       "--out", str(results / "networks_cpu.json")], 1200))
+    if (REPO / "bench" / "bench_anchor_cpu.py").exists():
+        # the issue-19 anchor: geometryd vs the torch reference pipeline per stage; short: determ, small clip
+        extra = ["--short", "--variants", "determ"] if short else []
+        cmds.append(("anchor_cpu", [py, "bench/bench_anchor_cpu.py", *extra,
+                                    "--out", str(results / "anchor_cpu.json")], 900 if short else 3600))
     return cmds
 
 
