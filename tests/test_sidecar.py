@@ -116,7 +116,7 @@ def test_pinned_inference_matches_dlr_moge_where_the_orders_agree(prior) -> None
     assert (points - lib["points"]).abs().max() <= 1e-5 * max(1.0, float(lib["points"].abs().max()))
 
 
-def _pinned_infer_reference(prior, image):
+def _pinned_infer_reference(prior, image, focal_shift=None):
     """The pinned `MoGeModel.infer(image, resolution_level=9, apply_mask=False)` (MoGe dd158c0,
     moge/model/moge_model.py), transcribed statement by statement after the forward (whose re-assembly the
     test above checks against dlr-moge): intrinsics from the ORIGINAL aspect ratio, re-projection on the
@@ -138,7 +138,7 @@ def _pinned_infer_reference(prior, image):
     image = F.interpolate(image, (expected_height, expected_width), mode="bicubic", align_corners=False,
                           antialias=True)
     points, mask = _forward_v1(prior.model, image)
-    focal, shift = recover_focal_shift(points, mask > 0.5)
+    focal, shift = recover_focal_shift(points, mask > 0.5) if focal_shift is None else focal_shift
     fx = focal / 2 * (1 + aspect_ratio ** 2) ** 0.5 / aspect_ratio
     fy = focal / 2 * (1 + aspect_ratio ** 2) ** 0.5
     depth = points[..., 2] + shift[..., None, None]
@@ -173,6 +173,26 @@ def test_pinned_inference_on_the_resize_path_follows_the_pinned_code(prior) -> N
     r, rw = 100 / 60, w / h
     wrong_x = want[..., 0] * (rw / r) * ((1 + r ** 2) / (1 + rw ** 2)) ** 0.5  # x = (u - 0.5) / fx * depth
     assert float((wrong_x - want[..., 0]).abs().max()) / scale > 100 * max(err, 1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:In CPU autocast")
+def test_frames_without_valid_points_get_focal_1_shift_0(checkpoint) -> None:
+    """MoGe guard (dlr-moge's recover_focal_shift, kept; docs/parity.md): a frame whose low-resolution mask
+    has fewer than 2 valid points gets focal 1 and shift 0 instead of the least-squares solve, which the
+    pinned code would call (and scipy rejects with no points). The mask head's bias forces an empty mask."""
+    import torch
+
+    from moge_sidecar.infer import load_moge
+
+    prior = load_moge(checkpoint, "cpu")
+    with torch.no_grad():
+        prior.model.head.output_block[1][-1].bias.fill_(-1e4)
+    image = torch.rand((2, 3, 60, 100), generator=torch.Generator().manual_seed(5))
+    got, got_mask = prior(image)
+    assert not got_mask.any()
+    assert torch.isfinite(got).all()
+    want, _, _ = _pinned_infer_reference(prior, image, focal_shift=(torch.ones(2), torch.zeros(2)))
+    assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max())
 
 
 def _settings(**kw) -> PriorSettings:
