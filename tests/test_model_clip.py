@@ -52,6 +52,7 @@ def test_clip_parity_fp32(tmp_path: Path, pixels: np.ndarray, act: str):
     got = clip.image_embeds(pixels)
     assert tuple(got.shape) == (2, TINY_CLIP_VISION["projection_dim"])
     err = rel_err(got.numpy(), want)
+    print(f"clip {act} fp32 rel err {err:.3e}")
     assert err < TOL, err
 
 

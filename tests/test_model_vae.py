@@ -82,6 +82,7 @@ def test_svd_encoder_parity_fp32_skips_decoder(svd_folder):
     got = enc.encode(x)
     assert got.dtype == "float32" and tuple(got.shape) == (2, 4, 8, 8)
     err = rel_err(got.numpy(), want)
+    print(f"svd encoder fp32 rel err {err:.3e}")
     assert err < TOL, err
 
 
@@ -116,12 +117,15 @@ def test_point_map_vae_parity_fp32(pmap_folder):
         want = [o.numpy() for o in ref.decode(torch.from_numpy(z), NUM_FRAMES)]
     off = vae.encode(x4)
     assert tuple(off.shape) == (NUM_FRAMES, 4, 8, 8)
-    assert rel_err(off.numpy(), want_off) < TOL
+    err_off = rel_err(off.numpy(), want_off)
+    print(f"point-map encoder fp32 rel err {err_off:.3e}")
+    assert err_off < TOL, err_off
     outs = vae.decode(z, NUM_FRAMES)
     assert len(outs) == 3
     for name, got, w in zip(("fnorm", "log_depth", "validity"), outs, want):
         assert tuple(got.shape) == (2 * NUM_FRAMES, 1, 64, 64)
         err = rel_err(got.numpy(), w)
+        print(f"point-map decoder {name} fp32 rel err {err:.3e}")
         assert err < TOL, (name, err)
     # the decode depends on the chunk's frames: a different num_frames gives different results
     other = vae.decode(z, 2 * NUM_FRAMES)[1].numpy()
