@@ -23,15 +23,19 @@ CASES = {
     # overlap 4: stitch weights 0, 1/3, 2/3, 1; guidance 2.5 doubles the UNet calls; per-pixel focal;
     # nearest-exact resize of depth and validity
     "frac_guided_per_pixel": dict(
-        t=8, variant="diff",
-        kw=dict(window_size=6, overlap=4, num_inference_steps=2, decode_chunk_size=4, guidance_scale=2.5,
+        t=6, variant="diff",
+        kw=dict(window_size=5, overlap=4, num_inference_steps=1, decode_chunk_size=3, guidance_scale=2.5,
                 force_projection=False, use_extract_interp=True)),
-    # overlap 3: weights 0, 1/2, 1 over 2 windows plus a last short one; per-frame focal
+    # overlap 3: weights 0, 1/2, 1 over 2 windows; per-frame focal
     "frac_per_frame": dict(
-        t=7, variant="diff",
-        kw=dict(window_size=5, overlap=3, num_inference_steps=1, decode_chunk_size=3,
+        t=5, variant="diff",
+        kw=dict(window_size=4, overlap=3, num_inference_steps=1, decode_chunk_size=3,
                 force_projection=True, force_fixed_focal=False)),
 }
+
+# Jittor's first kernel compile waits for the shared compile cache's lock: on a busy shared machine these
+# small runs can need more than the default 900 s.
+pytestmark = pytest.mark.timeout(2400)
 
 
 @pytest.fixture(scope="module")
