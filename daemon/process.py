@@ -89,11 +89,13 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"video file not found: {args.video}")
     if not args.model_dir.is_dir():
         raise UsageError(f"model folder not found: {args.model_dir}")
-    for name in ("window", "decode_chunk", "stride", "steps"):
+    flags = {"window": "--window-size", "decode_chunk": "--decode-chunk-size", "stride": "--process-stride",
+             "steps": "--num-inference-steps"}
+    for name, flag in flags.items():
         if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise UsageError(f"{flag} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.overlap < args.window:
-        raise UsageError(f"--overlap must be in [0, --window) = [0, {args.window}), got {args.overlap}")
+        raise UsageError(f"--overlap must be in [0, --window-size) = [0, {args.window}), got {args.overlap}")
     if args.max_frames == 0 or args.max_frames < -1:
         raise UsageError(f"--process-length must be -1 (all) or >= 1, got {args.max_frames}")
     if not math.isfinite(args.guidance_scale):

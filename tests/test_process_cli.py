@@ -103,7 +103,8 @@ def test_make_tiny_is_complete_and_idempotent(tmp_path_factory: pytest.TempPathF
         (["--downsample-ratio", "0"], "--downsample-ratio must be a positive number"),
         (["--process-length", "0"], "--process-length must be -1 (all) or >= 1"),
         (["--window-size", "4", "--overlap", "5"], "--overlap must be in"),
-        (["--num-inference-steps", "0"], "--steps must be >= 1"),
+        (["--num-inference-steps", "0"], "--num-inference-steps must be >= 1"),
+        (["--steps", "0"], "--num-inference-steps must be >= 1"),
     ],
 )
 def test_run_py_option_errors_exit_2(tmp_path: Path, clip_file: Path, capsys, extra: list[str], message: str) -> None:
