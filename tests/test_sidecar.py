@@ -168,7 +168,7 @@ def test_pinned_inference_on_the_resize_path_follows_the_pinned_code(prior) -> N
     assert torch.equal(got_mask, want_mask) and 0 < got_mask.float().mean() < 1
     scale = float(want.abs().max())
     err = float((got - want).abs().max()) / scale
-    assert err <= 1e-6, err  # measured 0 (same ops in the same order)
+    assert err <= 1e-6, err  # measured 1.4e-7 (old code, resized aspect ratio: 1.08e-3)
     # the tolerance is far below the effect of using the resized aspect ratio instead
     r, rw = 100 / 60, w / h
     wrong_x = want[..., 0] * (rw / r) * ((1 + r ** 2) / (1 + rw ** 2)) ** 0.5  # x = (u - 0.5) / fx * depth
