@@ -168,11 +168,11 @@ def test_pinned_inference_on_the_resize_path_follows_the_pinned_code(prior) -> N
     assert torch.equal(got_mask, want_mask) and 0 < got_mask.float().mean() < 1
     scale = float(want.abs().max())
     err = float((got - want).abs().max()) / scale
-    assert err <= 1e-6, err  # measured 1.4e-7 (old code, resized aspect ratio: 1.08e-3)
+    assert err <= 4e-7, err  # measured 1.4e-7 (old code, resized aspect ratio: 1.08e-3)
     # the tolerance is far below the effect of using the resized aspect ratio instead
     r, rw = 100 / 60, w / h
     wrong_x = want[..., 0] * (rw / r) * ((1 + r ** 2) / (1 + rw ** 2)) ** 0.5  # x = (u - 0.5) / fx * depth
-    assert float((wrong_x - want[..., 0]).abs().max()) / scale > 100 * max(err, 1e-6)
+    assert float((wrong_x - want[..., 0]).abs().max()) / scale > 100 * 4e-7
 
 
 @pytest.mark.filterwarnings("ignore:In CPU autocast")
@@ -192,7 +192,7 @@ def test_frames_without_valid_points_get_focal_1_shift_0(checkpoint) -> None:
     assert not got_mask.any()
     assert torch.isfinite(got).all()
     want, _, _ = _pinned_infer_reference(prior, image, focal_shift=(torch.ones(2), torch.zeros(2)))
-    assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max())
+    assert float((got - want).abs().max()) <= 7e-7 * float(want.abs().max())  # measured 2.4e-7
 
 
 def _settings(**kw) -> PriorSettings:
