@@ -181,6 +181,15 @@ def stitch(latents: np.ndarray | None, x: np.ndarray, overlap: int) -> np.ndarra
     return np.concatenate([out, x[:, overlap:]], axis=1)
 
 
+def classifier_free_guidance(cond: np.ndarray, uncond: np.ndarray, scale: float) -> np.ndarray:
+    """Upstream ``noise_pred_uncond + guidance_scale * (noise_pred - noise_pred_uncond)`` in the latent dtype:
+    each op formed in float32 and rounded once to it (torch's CUDA fp16 kernels, python-float scalar)."""
+    ld = cond.dtype
+    diff = (cond.astype(np.float32) - uncond.astype(np.float32)).astype(ld)
+    scaled = (np.float32(scale) * diff.astype(np.float32)).astype(ld)
+    return (uncond.astype(np.float32) + scaled.astype(np.float32)).astype(ld)
+
+
 # --------------------------------------------------------------------------------------------------
 # decode post-processing (spec 4.7)
 
@@ -424,9 +433,12 @@ class GeometryCrafter:
         x: np.ndarray | None,
         schedule: EulerKarrasSchedule | None,
         progress: Any = None,
+        guidance_scale: float = 1.0,
     ) -> np.ndarray:
         """Spec 4.4 c-d (diff, ``x`` = initial noisy latents (1,L,4,h,w)) or 4.5 (determ, ``x`` unused).
 
+        ``guidance_scale`` > 1 (diff only, upstream ``diff_ppl.py``): a second, unconditional UNet call per
+        step on [scaled latents, 0, 0] with zero image embeddings, combined as uncond + g * (cond - uncond).
         Returns the window's clean latents (1, L, 4, h, w) in the latent dtype."""
         ld = self.latent_dtype
         emb = cond.emb[None].astype(ld)
@@ -442,11 +454,17 @@ class GeometryCrafter:
         for i in range(schedule.num_steps):
             inp = schedule.scale_model_input(x, i)
             sample = np.concatenate([inp, vlat, plat], axis=2)  # channel order: noisy, video, prior
-            u = _np(self.unet(sample, float(schedule.timesteps[i]), emb, ids))
+            u = _np(self.unet(sample, float(schedule.timesteps[i]), emb, ids)).astype(ld)
             self._after_call()
-            x = schedule.step(u.astype(ld), i, x)
+            if guidance_scale > 1.0:
+                zeros = np.zeros_like(inp)
+                uncond = np.concatenate([inp, zeros, zeros], axis=2)
+                uu = _np(self.unet(uncond, float(schedule.timesteps[i]), np.zeros_like(emb), ids)).astype(ld)
+                self._after_call()
+                u = classifier_free_guidance(u, uu, guidance_scale)
+            x = schedule.step(u, i, x)
             if progress is not None:
-                progress(1)
+                progress(2 if guidance_scale > 1.0 else 1)
         return x.astype(ld)
 
     def decode(
@@ -493,18 +511,25 @@ class GeometryCrafter:
         window_size: int = 110,
         overlap: int = 25,
         num_inference_steps: int = 5,
+        guidance_scale: float = 1.0,
         decode_chunk_size: int = 8,
         noise: np.ndarray | None = None,
         force_projection: bool = True,
         force_fixed_focal: bool = True,
         use_extract_interp: bool = False,
+        track_time: bool = False,
         low_memory_usage: bool = False,
         seed: int = 42,
         nan_guard: bool = False,
         quiet: bool = False,
     ) -> GeometryOutput:
         """Whole-clip inference with upstream semantics. frames (T,H0,W0,3) uint8 (or float [0,1]),
-        prior_points (T,H0,W0,3) f32, prior_mask (T,H0,W0) bool -> :class:`GeometryOutput`."""
+        prior_points (T,H0,W0,3) f32, prior_mask (T,H0,W0) bool -> :class:`GeometryOutput`.
+
+        Keywords are upstream's (``GeometryCrafterDiffPipeline.__call__``); ``noise`` is upstream's
+        ``latents`` (initial noise, scaled by init_noise_sigma here), ``guidance_scale`` and
+        ``num_inference_steps`` are ignored by the determ variant as upstream does. ``track_time`` prints
+        the elapsed time per stage to stdout."""
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[0] == 0:
             raise ValueError(f"frames must be a non-empty (T, H, W, 3) array, got shape {frames.shape}")
@@ -513,6 +538,8 @@ class GeometryCrafter:
         _check_prior(frames, prior_points, prior_mask)
         if decode_chunk_size < 1:
             raise ValueError(f"decode_chunk_size must be >= 1, got {decode_chunk_size}")
+        if not np.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
         if t <= window_size:  # run.py: a short clip is one window without overlap
             window_size, overlap = t, 0
         self.low_memory_usage = low_memory_usage
@@ -540,7 +567,8 @@ class GeometryCrafter:
             bank = NoiseBank(noise[:, :window_size].astype(self.latent_dtype), schedule.init_noise_sigma,
                              overlap, window_size - overlap)
         latents: np.ndarray | None = None
-        n_calls = len(plan) * (schedule.num_steps if schedule is not None else 1)
+        guided = schedule is not None and guidance_scale > 1.0
+        n_calls = len(plan) * (schedule.num_steps if schedule is not None else 1) * (2 if guided else 1)
         with stages.stage("denoise", n_calls) as tick:
             for k, (s, e) in enumerate(plan):
                 x = None
@@ -548,7 +576,7 @@ class GeometryCrafter:
                     x = bank.take(e - s)
                     if k > 0 and overlap > 0:
                         x = self.renoise(x, latents[:, -overlap:], overlap, schedule)  # type: ignore[index]
-                res = self.denoise_window(cond.slice(s, e), x, schedule, tick)
+                res = self.denoise_window(cond.slice(s, e), x, schedule, tick, guidance_scale=guidance_scale)
                 latents = stitch(latents, res, overlap if k > 0 else 0)
         assert latents is not None and latents.shape[1] == t
         del cond
@@ -569,6 +597,9 @@ class GeometryCrafter:
             intr = normalised_intrinsics(fxs, fys, h0, w0)
         if low_memory_usage:
             _release_device_memory()
+        if track_time:
+            for name, seconds in stages.timings.items():
+                print(f"Elapsed time for {name}: {seconds * 1e3:.1f} ms")
         return GeometryOutput(point_map=points, mask=maps.valid, depth=depth, intrinsics=intr,
                               timings=stages.timings)
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from daemon.downsample import downsample_frames, downsampled_size, quantize_frames, upsample_output
 
 log = logging.getLogger(__name__)
 
@@ -30,22 +33,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="process one video file offline into an upstream-compatible .npz of point maps",
         description="Run GeometryCrafter on a whole video file (offline, exact upstream semantics).",
     )
-    p.add_argument("video", type=Path, help="input video file")
-    p.add_argument("--model-dir", type=Path, required=True, help="model folder (merged official layout)")
-    p.add_argument("--out", type=Path, required=True, help="output .npz (point_map float16, mask bool)")
-    p.add_argument("--variant", choices=("diff", "determ"), default="diff",
+    p.add_argument("video", type=Path, help="input video file (run.py video_path)")
+    p.add_argument("--model-dir", type=Path, required=True,
+                   help="model folder (merged official layout; replaces run.py --cache_dir and the hub)")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", type=Path, help="output .npz (point_map float16, mask bool)")
+    out.add_argument("--save-folder", type=Path, default=None, metavar="DIR",
+                     help="write DIR/<video name>.npz as run.py does")
+    # run.py's options under its names (dashes for underscores); the short names are aliases
+    p.add_argument("--model-type", "--variant", dest="variant", choices=("diff", "determ"), default="diff",
                    help="UNet variant (default diff)")
     p.add_argument("--height", type=int, default=0,
                    help="processing height, multiple of 64 (default: source)")
     p.add_argument("--width", type=int, default=0, help="processing width, multiple of 64 (default: source)")
-    p.add_argument("--window", type=int, default=110, help="window size in frames (default 110)")
+    p.add_argument("--downsample-ratio", type=float, default=1.0,
+                   help="> 1: shrink frames by this factor (bicubic, antialiased) before everything, upsample "
+                        "the result back (bilinear) as run.py does (default 1.0)")
+    p.add_argument("--window-size", "--window", dest="window", type=int, default=110,
+                   help="window size in frames (default 110)")
     p.add_argument("--overlap", type=int, default=25, help="window overlap in frames (default 25)")
-    p.add_argument("--steps", type=int, default=5, help="denoising steps, diff variant (default 5)")
-    p.add_argument("--decode-chunk", type=int, default=8, help="frames per encoder/decoder call (default 8)")
-    p.add_argument("--stride", type=int, default=1, help="use every N-th frame (default 1)")
-    p.add_argument("--max-frames", type=int, default=-1, help="process at most N frames (default all)")
+    p.add_argument("--num-inference-steps", "--steps", dest="steps", type=int, default=5,
+                   help="denoising steps, diff variant (default 5)")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance, diff variant; > 1 doubles the UNet calls (default 1.0)")
+    p.add_argument("--decode-chunk-size", "--decode-chunk", dest="decode_chunk", type=int, default=8,
+                   help="frames per encoder/decoder call (default 8)")
+    p.add_argument("--process-stride", "--stride", dest="stride", type=int, default=1,
+                   help="use every N-th frame (default 1)")
+    p.add_argument("--process-length", "--max-frames", dest="max_frames", type=int, default=-1,
+                   help="process at most N frames (default -1: all)")
     p.add_argument("--seed", type=int, default=42, help="noise seed (default 42)")
-    p.add_argument("--low-memory", action="store_true",
+    p.add_argument("--force-projection", action=argparse.BooleanOptionalAction, default=True,
+                   help="points from one focal and the depth (default on)")
+    p.add_argument("--force-fixed-focal", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --force-projection: one focal for the clip, else per frame (default on)")
+    p.add_argument("--use-extract-interp", action=argparse.BooleanOptionalAction, default=False,
+                   help="nearest-exact instead of bilinear upsampling of depth and mask (default off)")
+    p.add_argument("--track-time", action="store_true", help="print the elapsed time per stage")
+    p.add_argument("--low-memory-usage", "--low-memory", dest="low_memory", action="store_true",
                    help="keep big tensors on the host, free device memory")
     p.add_argument("--dtype", choices=("auto", "fp16", "fp32"), default="auto",
                    help="network precision: fp16 = official policy; auto = fp16 on CUDA, fp32 on CPU")
@@ -64,11 +89,19 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"video file not found: {args.video}")
     if not args.model_dir.is_dir():
         raise UsageError(f"model folder not found: {args.model_dir}")
-    for name in ("window", "decode_chunk", "stride", "steps"):
+    flags = {"window": "--window-size", "decode_chunk": "--decode-chunk-size", "stride": "--process-stride",
+             "steps": "--num-inference-steps"}
+    for name, flag in flags.items():
         if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise UsageError(f"{flag} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.overlap < args.window:
-        raise UsageError(f"--overlap must be in [0, --window) = [0, {args.window}), got {args.overlap}")
+        raise UsageError(f"--overlap must be in [0, --window-size) = [0, {args.window}), got {args.overlap}")
+    if args.max_frames == 0 or args.max_frames < -1:
+        raise UsageError(f"--process-length must be -1 (all) or >= 1, got {args.max_frames}")
+    if not math.isfinite(args.guidance_scale):
+        raise UsageError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    if not (math.isfinite(args.downsample_ratio) and args.downsample_ratio > 0):
+        raise UsageError(f"--downsample-ratio must be a positive number, got {args.downsample_ratio}")
     if (args.height > 0) != (args.width > 0):
         raise UsageError("give both --height and --width, or neither")
     for name in ("height", "width"):
@@ -77,6 +110,8 @@ def _validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} must be a positive multiple of 64, got {v}")
     if args.preview is not None and args.preview.suffix.lower() not in (".png", ".mp4"):
         raise UsageError(f"--preview must end in .png or .mp4, got {args.preview}")
+    if args.out is None:
+        args.out = args.save_folder / f"{args.video.name.split('.')[0]}.npz"  # run.py's file name
     if args.out.suffix != ".npz":
         raise UsageError(f"--out must end in .npz, got {args.out}")
     from daemon.tiny import missing_parts
@@ -180,11 +215,19 @@ def _process(args: argparse.Namespace) -> int:
         raise UsageError(f"source size {w0}x{h0} must be even in both dimensions")
     if not 0.5 <= width / height <= 2.0:
         raise UsageError(f"processing aspect ratio {width}x{height} is outside [0.5, 2]")
+    source = frames
+    if args.downsample_ratio > 1.0:  # run.py: after choosing the processing size, before the pipeline
+        hs, ws = downsampled_size(h0, w0, args.downsample_ratio)
+        if hs < 2 or ws < 2 or hs % 2 or ws % 2:
+            raise UsageError(f"--downsample-ratio {args.downsample_ratio} gives frames {ws}x{hs}: "
+                             "both must be even and >= 2")
+        source = downsample_frames(frames, args.downsample_ratio)
 
     from daemon.stages.prior import run_priors
 
     t0 = time.perf_counter()
-    points, mask = run_priors(frames, args.model_dir / "moge" / "model.pt", device=args.device,
+    prior_frames = quantize_frames(source) if source is not frames else frames
+    points, mask = run_priors(prior_frames, args.model_dir / "moge" / "model.pt", device=args.device,
                               fp16=False, resolution_level=9, python=args.prior_python or None,
                               chunk=args.decode_chunk)
     timings["prior_moge"] = time.perf_counter() - t0
@@ -196,10 +239,15 @@ def _process(args: argparse.Namespace) -> int:
     dtype = _network_dtype(args.dtype)
     gc = GeometryCrafter.from_pretrained(args.model_dir, variant=args.variant, dtype=dtype)
     timings["load_model"] = time.perf_counter() - t0
-    out = gc(frames, points, mask, height=height, width=width, window_size=args.window, overlap=args.overlap,
-             num_inference_steps=args.steps, decode_chunk_size=args.decode_chunk,
-             low_memory_usage=args.low_memory, seed=args.seed)
+    out = gc(source, points, mask, height=height, width=width, window_size=args.window, overlap=args.overlap,
+             num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+             decode_chunk_size=args.decode_chunk, force_projection=args.force_projection,
+             force_fixed_focal=args.force_fixed_focal, use_extract_interp=args.use_extract_interp,
+             track_time=args.track_time, low_memory_usage=args.low_memory, seed=args.seed)
     timings.update(out.timings)
+    if source is not frames:
+        out.point_map, out.mask = upsample_output(out.point_map, out.mask, (h0, w0))
+        out.depth = np.ascontiguousarray(out.point_map[..., 2])
 
     t0 = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,10 +10,17 @@ focal/shift recovery). This module reproduces the pinned order with dlr-moge's m
   (b) forward in fp32 (fp16 autocast only when asked, and never on CPU): normalise, bilinear antialiased
       resize to multiples of 14, DINOv2 intermediate layers, head, output remap
   (c) at that LOW resolution: focal + z-shift recovery (`moge.utils.geometry_torch.recover_focal_shift`,
-      mask = raw mask > 0.5), fov_x/fov_y -> intrinsics (cx = cy = 0.5), depth = z + shift,
-      points re-projected from depth (`utils3d.pt.depth_map_to_point_map`, pixel centres)
+      mask = raw mask > 0.5), fx = focal/2 * sqrt(1 + r^2) / r, fy = focal/2 * sqrt(1 + r^2) with the
+      aspect ratio r = W0/H0 of the ORIGINAL image (pinned code), intrinsics with cx = cy = 0.5,
+      depth = z + shift, points re-projected from depth on the resized pixel grid
+      (`utils3d.pt.depth_map_to_point_map`, pixel centres = pinned `image_uv` + `unproject_cv`)
   (d) bilinear resize (align_corners off, no antialias) of points and raw mask to (H0, W0)
   (e) mask = resized mask > 0.5; points are not masked (apply_mask=False).
+
+Kept differences (docs/parity.md): at exactly the expected area the pinned code raises NameError
+(`expected_width` is only set when it resizes); here the grid is then the input's. Frames whose low-resolution
+mask has fewer than 2 valid points get focal 1, shift 0 (dlr-moge's guard in `recover_focal_shift`) where the
+pinned code would call the least-squares solver on them (0 points: scipy raises).
 """
 
 from __future__ import annotations
@@ -102,10 +109,11 @@ def infer_pinned(model: torch.nn.Module, image: torch.Tensor, area_range: tuple[
     points, mask = points.float(), mask.float()
 
     focal, shift = recover_focal_shift(points, mask > 0.5)
-    diagonal = (h ** 2 + w ** 2) ** 0.5
-    fov_x = 2 * torch.atan(w / diagonal / focal)
-    fov_y = 2 * torch.atan(h / diagonal / focal)
-    fx, fy = 0.5 / torch.tan(fov_x / 2), 0.5 / torch.tan(fov_y / 2)
+    # pinned moge_model.py: the ORIGINAL aspect ratio, not the truncated resized one (for 16:9 input fx and fy
+    # differ from the resized-size formula by ~1e-4 relative)
+    aspect = w0 / h0
+    fx = focal / 2 * (1 + aspect ** 2) ** 0.5 / aspect
+    fy = focal / 2 * (1 + aspect ** 2) ** 0.5
     half = torch.full_like(fx, 0.5)
     intrinsics = utils3d.pt.intrinsics_from_focal_center(fx, fy, half, half)
     depth = points[..., 2] + shift[..., None, None]

@@ -1,7 +1,7 @@
 """Parity of the Jittor CLIP vision tower (daemon/model/clip.py) with transformers'
 ``CLIPVisionModelWithProjection`` at TINY_CLIP_VISION, loaded through the production loader.
 
-Tolerance fp32: max|a-b|/max|b| <= 1e-4; fp16 (weights and activations) vs the fp32 reference <= 3e-3
+Tolerance fp32: max|a-b|/max|b| <= 1.2e-6 (~3x the measured 4.0e-7 gelu / 2.0e-7 quick_gelu); fp16 (weights and activations) vs the fp32 reference <= 3e-3
 (reached 6.0e-4; torch's own fp16 forward: 6.8e-4).
 """
 
@@ -23,7 +23,7 @@ from daemon.model import load_clip  # noqa: E402
 from daemon.tiny_configs import TINY_CLIP_VISION  # noqa: E402
 from tests.model_testutil import perturb_, rel_err  # noqa: E402
 
-TOL = 1e-4
+TOL = 1.2e-6
 TOL16 = 3e-3
 
 
@@ -52,6 +52,7 @@ def test_clip_parity_fp32(tmp_path: Path, pixels: np.ndarray, act: str):
     got = clip.image_embeds(pixels)
     assert tuple(got.shape) == (2, TINY_CLIP_VISION["projection_dim"])
     err = rel_err(got.numpy(), want)
+    print(f"clip {act} fp32 rel err {err:.3e}")
     assert err < TOL, err
 
 

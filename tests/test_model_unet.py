@@ -6,7 +6,8 @@ ones/zeros/0.5) are written with ``save_pretrained`` and read back through the p
 (a) identical per-frame embeddings == diffusers' own forward with a (B,1,D) context;
 (b) distinct per-frame embeddings == a torch harness that runs the reference model's submodules in the
     order of spec 2.1 with the context flattened to (B*F,1,D) (B=2 also checks repeat-interleave order).
-Tolerance fp32: max|a-b| / max|b| <= 1e-4.
+Tolerance fp32: max|a-b| / max|b| <= 6e-6 (measured 1.5e-6 - 2.1e-6; tests/test_model_perturbation.py shows a
+GroupNorm eps swap moves the output by 4.4e-5, 7.6e-4 at small activations).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from daemon.model.unet import UNetVid2Vid, load_unet  # noqa: E402
 FRAMES = 5
 LATENT = (16, 24)  # three downsamplings: multiples of 8
 C_NOISE = 1.2260490  # spec 4.4, step 1
-FP32_TOL = 1e-4
+FP32_TOL = 6e-6
 # Jittor's CPU fp16 matmul/conv accumulate in fp16: reached 1.2e-2 (torch CPU fp16 vs fp32: 2.4e-3, which
 # this port also reaches when Linear/Conv2d accumulate in fp32; see the report of issue 3).
 FP16_TOL = 1e-2  # reached 7.3e-3 (Jittor fp16, CPU, fp32 accumulation in blocks.Linear/Conv2d)

@@ -4,7 +4,8 @@ SVD VAE: diffusers ``AutoencoderKLTemporalDecoder(**TINY_SVD_VAE)`` saved with `
 (fp16 variant file, as on the hub), loaded through the production loader; reference = ``encode().mode()``.
 Point-map VAE: test-side torch reference (tests/torch_ref_pmap_vae.py) built per spec 2.2 at
 TINY_POINT_MAP_VAE, saved in the official layout, loaded with ``load_point_map_vae``.
-Tolerance fp32: max|a-b|/max|b| <= 1e-4 (reached ~4e-6). fp16 (Jittor fp16 weights and activations vs
+Tolerance fp32: max|a-b|/max|b| <= 1.3e-5 (~3x the worst measured: SVD encoder 3.2e-6, point-map encoder
+2.8e-6, decoder heads 4.4e-6 / 3.3e-6 / 3.3e-6). fp16 (Jittor fp16 weights and activations vs
 the fp32 reference): <= 1e-2 (reached 4.3e-3 on the worst head; torch's own fp16 forward of the same
 weights is off by 4.1e-3; the official run keeps this VAE in fp32, spec 1.3).
 """
@@ -35,7 +36,7 @@ from daemon.tiny_configs import TINY_POINT_MAP_VAE, TINY_SVD_VAE  # noqa: E402
 from tests.model_testutil import perturb_, rel_err  # noqa: E402
 from tests.torch_ref_pmap_vae import TorchPointMapVae  # noqa: E402
 
-TOL = 1e-4
+TOL = 1.3e-5
 TOL16 = 1e-2
 NUM_FRAMES = 3
 
@@ -82,6 +83,7 @@ def test_svd_encoder_parity_fp32_skips_decoder(svd_folder):
     got = enc.encode(x)
     assert got.dtype == "float32" and tuple(got.shape) == (2, 4, 8, 8)
     err = rel_err(got.numpy(), want)
+    print(f"svd encoder fp32 rel err {err:.3e}")
     assert err < TOL, err
 
 
@@ -116,12 +118,15 @@ def test_point_map_vae_parity_fp32(pmap_folder):
         want = [o.numpy() for o in ref.decode(torch.from_numpy(z), NUM_FRAMES)]
     off = vae.encode(x4)
     assert tuple(off.shape) == (NUM_FRAMES, 4, 8, 8)
-    assert rel_err(off.numpy(), want_off) < TOL
+    err_off = rel_err(off.numpy(), want_off)
+    print(f"point-map encoder fp32 rel err {err_off:.3e}")
+    assert err_off < TOL, err_off
     outs = vae.decode(z, NUM_FRAMES)
     assert len(outs) == 3
     for name, got, w in zip(("fnorm", "log_depth", "validity"), outs, want):
         assert tuple(got.shape) == (2 * NUM_FRAMES, 1, 64, 64)
         err = rel_err(got.numpy(), w)
+        print(f"point-map decoder {name} fp32 rel err {err:.3e}")
         assert err < TOL, (name, err)
     # the decode depends on the chunk's frames: a different num_frames gives different results
     other = vae.decode(z, 2 * NUM_FRAMES)[1].numpy()

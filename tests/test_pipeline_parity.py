@@ -7,7 +7,8 @@ Setup: 7 frames 72x100 processed at 64x128 (so both resizes run), window 3 / ove
 convolutions are slow (the point-map decoder dominates: ~20 s CPU for 4 frames at 64x128). 64x64 is avoided:
 its 1x1 deepest UNet level makes GroupNorm statistics ill-conditioned (rel. error grew to 8e-4 there).
 Measured at this setup: diff 3.8e-5 / determ 1.9e-5 relative, masks 100 % equal.
-Bounds (brief): point maps max|a-b| / max|b| <= 1e-3 on the common mask, masks >= 99.9 % equal.
+Bounds (~3x the measured error, docs/parity.md): point maps max|a-b| / max|b| <= 1.2e-4 on the common mask,
+masks >= 99.98 % equal.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def test_jittor_pipeline_matches_torch_reference(model_dir: Path, torch_pmap, va
     err = float(np.abs(got.point_map - want.point_map)[both].max() / np.abs(want.point_map[both]).max())
     agree = float((got.mask == want.mask).mean())
     print(f"{variant}: point map rel err {err:.3e}, mask agreement {agree:.6f}, timings {got.timings}")
-    assert err <= 1e-3, err
-    assert agree >= 0.999, agree
+    assert err <= 1.2e-4, err
+    assert agree >= 0.9998, agree
 
 
 @pytest.mark.gpu

@@ -8,8 +8,8 @@ Where streaming must equal offline exactly (asserted with array_equal):
 - one window without overlap whose length is a multiple of decode_chunk_size, fixed focal.
 Multi-window: the only deviations are the prior statistics (first window vs whole clip) and the fixed focal
 (first decoded chunks vs whole clip). Measured on the 13-frame synthetic clip below (4 windows):
-point maps within 1.13e-2 relative to the max |value| (bound asserted: 5e-2), masks 99.92-99.97 % equal
-(bound: 99 %).
+point maps within 1.13e-2 relative to the max |value| (bound asserted: 3.5e-2, ~3x), masks 99.92-99.97 % equal
+(bound: 99.7 %, ~3x the measured disagreement).
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ def test_multi_window_close_to_offline(gc: GeometryCrafter) -> None:
     rel = float(np.abs(pm - off.point_map)[both].max() / np.abs(off.point_map[both]).max())
     agree = float((mk == off.mask).mean())
     print(f"streaming vs offline: max rel err {rel:.3e}, mask agreement {agree:.5f}")
-    assert rel < 5e-2, rel
-    assert agree >= 0.99, agree
+    assert rel < 3.5e-2, rel
+    assert agree >= 0.997, agree
     assert sess.stats is not None and sess.focal is not None
 
 

@@ -94,3 +94,84 @@ def test_make_tiny_is_complete_and_idempotent(tmp_path_factory: pytest.TempPathF
     assert json.loads((model / "unet_determ" / "config.json").read_text())["in_channels"] == 8
     with pytest.raises(ValueError, match="unknown part"):
         make_tiny(model, parts=["unet_fast"])
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+        (["--downsample-ratio", "0"], "--downsample-ratio must be a positive number"),
+        (["--process-length", "0"], "--process-length must be -1 (all) or >= 1"),
+        (["--window-size", "4", "--overlap", "5"], "--overlap must be in"),
+        (["--num-inference-steps", "0"], "--num-inference-steps must be >= 1"),
+        (["--steps", "0"], "--num-inference-steps must be >= 1"),
+    ],
+)
+def test_run_py_option_errors_exit_2(tmp_path: Path, clip_file: Path, capsys, extra: list[str], message: str) -> None:
+    (tmp_path / "model").mkdir()
+    rc = main(["process", str(clip_file), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "o.npz"),
+               *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_every_run_py_option_is_accepted() -> None:
+    """run.py's options (fire: --name_with_underscores) under our dashed names; --out/--save-folder replace
+    save_folder's file naming, --model-dir replaces cache_dir and the hub."""
+    import argparse
+
+    from daemon.process import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args([
+        "process", "v.mp4", "--model-dir", "m", "--save-folder", "out", "--height", "576", "--width", "1024",
+        "--downsample-ratio", "2.0", "--num-inference-steps", "3", "--guidance-scale", "1.5",
+        "--window-size", "20", "--decode-chunk-size", "4", "--overlap", "5", "--process-length", "30",
+        "--process-stride", "2", "--seed", "7", "--model-type", "determ", "--no-force-projection",
+        "--no-force-fixed-focal", "--use-extract-interp", "--track-time", "--low-memory-usage"])
+    assert (args.height, args.width, args.downsample_ratio, args.steps, args.guidance_scale) == (576, 1024, 2.0, 3, 1.5)
+    assert (args.window, args.decode_chunk, args.overlap, args.max_frames, args.stride) == (20, 4, 5, 30, 2)
+    assert (args.seed, args.variant, args.force_projection, args.force_fixed_focal) == (7, "determ", False, False)
+    assert args.use_extract_interp and args.track_time and args.low_memory and args.save_folder == Path("out")
+    defaults = parser.parse_args(["process", "v.mp4", "--model-dir", "m", "--out", "o.npz"])
+    assert (defaults.force_projection, defaults.force_fixed_focal, defaults.use_extract_interp) == (True, True, False)
+    assert (defaults.guidance_scale, defaults.downsample_ratio, defaults.window, defaults.overlap) == (1.0, 1.0, 110, 25)
+
+
+def test_downsample_matches_run_py_torch_ops() -> None:
+    """daemon.downsample vs the torch calls of run.py (F.interpolate bicubic+antialias then clamp; bilinear
+    back; mask bilinear > 0.5)."""
+    import torch
+    import torch.nn.functional as F
+
+    from daemon.downsample import downsample_frames, upsample_output
+
+    frames, points, mask = synthetic_clip(2, 36, 50, seed=3)
+    got = downsample_frames(frames, 1.7)
+    t = torch.from_numpy(frames).float().permute(0, 3, 1, 2) / 255.0
+    want = F.interpolate(t, (round(36 / 1.7), round(50 / 1.7)), mode="bicubic", antialias=True).clamp(0, 1)
+    assert got.shape == (2, 21, 29, 3)
+    np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=0, atol=2e-6)
+    pts, m = upsample_output(points[:, :18, :25], mask[:, :18, :25], (36, 50))
+    want_p = F.interpolate(torch.from_numpy(points[:, :18, :25]).permute(0, 3, 1, 2), (36, 50), mode="bilinear")
+    want_m = F.interpolate(torch.from_numpy(mask[:, :18, :25]).float().unsqueeze(1), (36, 50), mode="bilinear")
+    np.testing.assert_allclose(pts, want_p.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(m, want_m.squeeze(1).numpy() > 0.5)
+
+
+def test_process_with_run_py_options(tmp_path_factory: pytest.TempPathFactory, clip_file: Path) -> None:
+    """--downsample-ratio 2 (frames 48x64, processed at 64x64, result back at 96x128), guidance 2, per-pixel
+    focal, nearest-exact upsampling, --track-time, --save-folder naming."""
+    model = tiny_model_dir(tmp_path_factory.getbasetemp())
+    out = tmp_path_factory.mktemp("out_opts")
+    res = _run(str(clip_file), "--model-dir", str(model), "--save-folder", str(out), "--height", "64",
+               "--width", "64", "--window-size", "4", "--overlap", "1", "--num-inference-steps", "1",
+               "--decode-chunk-size", "4", "--downsample-ratio", "2", "--guidance-scale", "2",
+               "--no-force-projection", "--use-extract-interp", "--track-time", "--device", "cpu")
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = np.load(out / "clip.npz")
+    assert data["point_map"].shape == (T, H0, W0, 3) and data["mask"].shape == (T, H0, W0)
+    assert np.isfinite(data["point_map"].astype(np.float32)).all()
+    assert "Elapsed time for denoise:" in res.stdout

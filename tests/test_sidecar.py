@@ -114,12 +114,85 @@ def test_pinned_inference_matches_dlr_moge_where_the_orders_agree(prior) -> None
     assert mask.dtype == torch.bool and 0 < mask.float().mean() < 1
     assert torch.equal(mask, lib["mask"])
     assert (points - lib["points"]).abs().max() <= 1e-5 * max(1.0, float(lib["points"].abs().max()))
-    # At another input size the pinned order differs from dlr-moge's (resize after vs before recovery).
-    other = torch.rand((1, 3, 64, 96), generator=torch.Generator().manual_seed(4))
-    p2, _ = prior(other)
-    lib2 = prior.model.infer(other, resolution_level=9, apply_mask=False, use_fp16=False)
-    assert p2.shape == lib2["points"].shape == (1, 64, 96, 3)
-    assert (p2 - lib2["points"]).abs().max() > 1e-4
+
+
+def _pinned_infer_reference(prior, image, focal_shift=None):
+    """The pinned `MoGeModel.infer(image, resolution_level=9, apply_mask=False)` (MoGe dd158c0,
+    moge/model/moge_model.py), transcribed statement by statement after the forward (whose re-assembly the
+    test above checks against dlr-moge): intrinsics from the ORIGINAL aspect ratio, re-projection on the
+    resized grid (utils3d `image_uv` pixel centres + `unproject_cv`), bilinear resize back."""
+    import torch
+    import torch.nn.functional as F
+    from moge.utils.geometry_torch import recover_focal_shift
+
+    from moge_sidecar.infer import _forward_v1
+
+    original_height, original_width = image.shape[-2:]
+    area = original_height * original_width
+    aspect_ratio = original_width / original_height
+    min_area, max_area = prior.area_range
+    expected_area = min_area + (max_area - min_area) * (9 / 9)
+    assert expected_area != area  # the resize path (the pinned code needs it: expected_width)
+    expected_width = int(original_width * (expected_area / area) ** 0.5)
+    expected_height = int(original_height * (expected_area / area) ** 0.5)
+    image = F.interpolate(image, (expected_height, expected_width), mode="bicubic", align_corners=False,
+                          antialias=True)
+    points, mask = _forward_v1(prior.model, image)
+    focal, shift = recover_focal_shift(points, mask > 0.5) if focal_shift is None else focal_shift
+    fx = focal / 2 * (1 + aspect_ratio ** 2) ** 0.5 / aspect_ratio
+    fy = focal / 2 * (1 + aspect_ratio ** 2) ** 0.5
+    depth = points[..., 2] + shift[..., None, None]
+    u = (torch.arange(expected_width, dtype=torch.float32) + 0.5) / expected_width
+    v = (torch.arange(expected_height, dtype=torch.float32) + 0.5) / expected_height
+    x = (u[None, None, :] - 0.5) / fx[:, None, None] * depth
+    y = (v[None, :, None] - 0.5) / fy[:, None, None] * depth
+    points = torch.stack([x, y, depth], dim=-1)
+    points = F.interpolate(points.permute(0, 3, 1, 2), (original_height, original_width), mode="bilinear",
+                           align_corners=False, antialias=False).permute(0, 2, 3, 1)
+    mask = F.interpolate(mask.unsqueeze(1), (original_height, original_width), mode="bilinear",
+                         align_corners=False, antialias=False).squeeze(1)
+    return points, mask > 0.5, (expected_height, expected_width)
+
+
+@pytest.mark.filterwarnings("ignore:In CPU autocast")
+def test_pinned_inference_on_the_resize_path_follows_the_pinned_code(prior) -> None:
+    """5:3 input (60x100): resized to 65x108, whose aspect ratio (1.6615) is not the input's (1.6667). The
+    pinned code builds fx/fy from the input's; the resized size's would move them by ~8e-4 relative."""
+    import torch
+
+    image = torch.rand((2, 3, 60, 100), generator=torch.Generator().manual_seed(4))
+    got, got_mask = prior(image)
+    want, want_mask, (h, w) = _pinned_infer_reference(prior, image)
+    assert (h, w) == (65, 108)
+    assert got.shape == want.shape == (2, 60, 100, 3)
+    assert torch.equal(got_mask, want_mask) and 0 < got_mask.float().mean() < 1
+    scale = float(want.abs().max())
+    err = float((got - want).abs().max()) / scale
+    assert err <= 4e-7, err  # measured 1.4e-7 (old code, resized aspect ratio: 1.08e-3)
+    # the tolerance is far below the effect of using the resized aspect ratio instead
+    r, rw = 100 / 60, w / h
+    wrong_x = want[..., 0] * (rw / r) * ((1 + r ** 2) / (1 + rw ** 2)) ** 0.5  # x = (u - 0.5) / fx * depth
+    assert float((wrong_x - want[..., 0]).abs().max()) / scale > 100 * 4e-7
+
+
+@pytest.mark.filterwarnings("ignore:In CPU autocast")
+def test_frames_without_valid_points_get_focal_1_shift_0(checkpoint) -> None:
+    """MoGe guard (dlr-moge's recover_focal_shift, kept; docs/parity.md): a frame whose low-resolution mask
+    has fewer than 2 valid points gets focal 1 and shift 0 instead of the least-squares solve, which the
+    pinned code would call (and scipy rejects with no points). The mask head's bias forces an empty mask."""
+    import torch
+
+    from moge_sidecar.infer import load_moge
+
+    prior = load_moge(checkpoint, "cpu")
+    with torch.no_grad():
+        prior.model.head.output_block[1][-1].bias.fill_(-1e4)
+    image = torch.rand((2, 3, 60, 100), generator=torch.Generator().manual_seed(5))
+    got, got_mask = prior(image)
+    assert not got_mask.any()
+    assert torch.isfinite(got).all()
+    want, _, _ = _pinned_infer_reference(prior, image, focal_shift=(torch.ones(2), torch.zeros(2)))
+    assert float((got - want).abs().max()) <= 7e-7 * float(want.abs().max())  # measured 2.4e-7
 
 
 def _settings(**kw) -> PriorSettings:

@@ -117,7 +117,7 @@ class TorchRefPipeline:
     def __call__(self, frames: np.ndarray, prior_points: np.ndarray, prior_mask: np.ndarray, *, height: int,
                  width: int, window_size: int, overlap: int, num_inference_steps: int, decode_chunk_size: int,
                  noise: np.ndarray | None = None, force_projection: bool = True, force_fixed_focal: bool = True,
-                 use_extract_interp: bool = False) -> RefOutput:
+                 use_extract_interp: bool = False, guidance_scale: float = 1.0) -> RefOutput:
         from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
             _resize_with_antialiasing,
         )
@@ -167,6 +167,10 @@ class TorchRefPipeline:
                     inp = sch.scale_model_input(x, tt)
                     u = vid2vid_unet_forward(self.unet, torch.cat([inp, vlat[:, s:e], plat[:, s:e]], 2), float(tt),
                                              emb[:, s:e], ids)
+                    if guidance_scale > 1:  # upstream diff_ppl.py: a second call on [inp, 0, 0], zero context
+                        uncond = torch.cat([inp, torch.zeros_like(inp), torch.zeros_like(inp)], 2)
+                        uu = vid2vid_unet_forward(self.unet, uncond, float(tt), torch.zeros_like(emb[:, s:e]), ids)
+                        u = uu + guidance_scale * (u - uu)
                     x = sch.step(u, tt, x).prev_sample
             if A is None:
                 A = x

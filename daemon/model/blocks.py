@@ -357,12 +357,18 @@ class AlphaBlender(nn.Module):
         self.mix_factor = jt.array(np.array([alpha], dtype=np.float32))
 
     def execute(self, x_spatial: Var, x_temporal: Var) -> Var:
-        # fp32 blend: a python-float scalar would promote an fp16 Var to fp32 in Jittor anyway
-        a = self.mix_factor.float32().sigmoid()
+        # diffusers rounds like this in fp16: alpha = sigmoid(mix_factor) in the parameter dtype, cast to the
+        # activation dtype, then every op of the blend in that dtype. Each op is formed here in float32 and
+        # rounded to the activation dtype once, as torch's CUDA kernels do (float32 opmath); in fp32 all casts
+        # are no-ops.
+        dt = x_spatial.dtype
+        a = self.mix_factor.float32().sigmoid().cast(self.mix_factor.dtype).cast(dt)
         if self.switch:
-            a = 1.0 - a
-        out = a * x_spatial.float32() + (1.0 - a) * x_temporal.float32()
-        return out.cast(x_spatial.dtype)
+            a = (1.0 - a.float32()).cast(dt)
+        b = (1.0 - a.float32()).cast(dt)
+        spatial = (a.float32() * x_spatial.float32()).cast(dt)
+        temporal = (b.float32() * x_temporal.float32()).cast(dt)
+        return (spatial.float32() + temporal.float32()).cast(dt)
 
 
 class SpatioTemporalResBlock(nn.Module):

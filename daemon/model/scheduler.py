@@ -7,7 +7,9 @@ as float32 (like diffusers), the UNet timestep is ``0.25 * ln(sigma)`` in float3
     x0 = c_out * u + x / (sigma^2 + 1),  c_out = -sigma / sqrt(sigma^2 + 1)
     x  = x + (x - x0) / sigma * (sigma_next - sigma)
 
-with ``x`` upcast to float32 and ``c_out * u`` formed in the dtype of ``u`` (fp16 in the official run).
+with ``x`` upcast to float32 and ``c_out * u`` formed in the dtype of ``u`` (fp16 in the official run) the way
+upstream's CUDA kernels form it: ``u`` times the float32 scalar tensor ``c_out`` in float32 opmath, rounded once to
+fp16 (torch on CPU rounds ``c_out`` to fp16 first instead; 1 fp16 ulp apart in 14-59 % of elements).
 Pure numpy; no Jittor needed (the step runs host-side on small latents).
 """
 
@@ -46,7 +48,9 @@ class EulerKarrasSchedule:
         sigma_next = self.sigmas[i + 1]
         xf = x.astype(np.float32)
         c_out = (-sigma / np.sqrt(sigma * sigma + np.float32(1.0))).astype(np.float32)
-        denoised = (u * c_out.astype(u.dtype)).astype(np.float32) + xf / (sigma * sigma + np.float32(1.0))
+        denoised = (u.astype(np.float32) * c_out).astype(u.dtype).astype(np.float32) + xf / (
+            sigma * sigma + np.float32(1.0)
+        )
         derivative = (xf - denoised) / sigma
         return (xf + derivative * (sigma_next - sigma)).astype(u.dtype)
 
