@@ -6,7 +6,7 @@ processing size H x W from a source (frames, prior, outputs) of H0 x W0:
     compute_stats    prior statistics s / lo / hi over the window's prior (first window; offline: whole clip)
     prior_to_x4      prior post-processing of the new frames -> x4 (new, 4, H, W)
     source_resize    uint8 frames -> float [0,1] at the processing size (antialiased bicubic)
-    vae_inputs       2v - 1 in fp16 (and back to fp32 for the encoder), the pseudo-RGB disparity
+    vae_inputs       2v - 1 in fp16 as float32 (what the encoders take), the pseudo-RGB disparity
     clip_input       resize224 (blur + bicubic) and the CLIP normalisation
     denoise_glue     noise bank, renoise, per step: scale_model_input, UNet input concat, Euler step
     stitch           latent blending and the decoder input z
@@ -107,8 +107,7 @@ def numpy_steps(d: dict) -> dict[str, Callable[[], Any]]:
     heads = d["heads"]
 
     def vae_inputs() -> Any:
-        v, v32 = P.to_signed_unit(d["v01"], np.float16)
-        return v, v32, np.repeat(x4[:, 2:3], 3, axis=1)
+        return P.to_signed_unit(d["v01"], np.float16), np.repeat(x4[:, 2:3], 3, axis=1)
 
     def clip_input() -> Any:
         c = resample.resize224(d["v01"])
@@ -223,8 +222,7 @@ def torch_steps(d: dict) -> dict[str, Callable[[], Any]]:
         return v.contiguous()
 
     def vae_inputs() -> Any:
-        v = v01.half() * 2 - 1
-        return v, v.float(), x4_t[:, 2:3].repeat(1, 3, 1, 1)
+        return (v01.half() * 2 - 1).float(), x4_t[:, 2:3].repeat(1, 3, 1, 1)
 
     def clip_input() -> Any:
         c = _resize_with_antialiasing(v01, (224, 224))

@@ -150,13 +150,23 @@ def test_prior_to_x4_chunking_does_not_matter() -> None:
 def test_fp16_signed_unit_equals_fp16_arithmetic() -> None:
     every = np.arange(0, 0x3C01, dtype=np.uint16).view(np.float16)  # every fp16 value in [0, 1]
     rnd = np.random.default_rng(6).random(200_000, dtype=np.float32)
-    for v in (every.astype(np.float32), rnd, np.array([0.0, 1.0, 1e-8, 0.5 + 2**-12], np.float32)):
-        h, h32 = P.to_signed_unit(v, np.float16)
+    tiny = np.array([0.0, -0.0, 1.0, 1e-8, 2.0**-25, 3 * 2.0**-25, 2.0**-14, 0.5 + 2**-12, 6e-5], np.float32)
+    for v in (every.astype(np.float32), rnd, tiny):
         want = v.astype(np.float16)
         want = (want * np.float16(2.0) - np.float16(1.0)).astype(np.float16)
-        assert _same(h, want) and _same(h32, want.astype(np.float32))
-    f, f32 = P.to_signed_unit(rnd, np.float32)
-    assert _same(f, rnd * np.float32(2.0) - np.float32(1.0)) and f is f32
+        assert _same(P.to_signed_unit(v, np.float16), want.astype(np.float32))
+    assert _same(P.to_signed_unit(rnd, np.float32), rnd * np.float32(2.0) - np.float32(1.0))
+
+
+def test_round_to_fp16_equals_the_cast() -> None:
+    rng = np.random.default_rng(9)
+    x = np.concatenate([rng.standard_normal(300_000).astype(np.float32) * np.float32(s) for s in (1e-6, 1e-3, 1, 300)])
+    edges = np.array([0.0, -0.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26, -(2.0**-25), 2.0**-14 * (1 - 2**-12), 65503.0,
+                      1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11), 65504.0, 7e4, np.inf, np.nan], np.float32)
+    for v in (x, edges, edges[:-4]):
+        want = v.astype(np.float16).astype(np.float32)
+        got = P.round_to_fp16(v.copy())
+        assert _same(got, want) and (np.signbit(got) == np.signbit(want)).all()
 
 
 @pytest.mark.parametrize("src,size", [((72, 100), (64, 128)), ((576, 1024), (384, 640)), ((64, 128), (64, 128)),
