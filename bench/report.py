@@ -154,6 +154,15 @@ def _sub_section(name: str, data: dict[str, Any] | None, run: dict[str, Any] | N
             for stage in ("encode", "denoise", "decode", "total"):
                 out.append(f"| {r.get('variant')} | {stage} | {_fmt(med.get('geometryd', {}).get(stage))} | "
                            f"{_fmt(med.get('torch', {}).get(stage))} | {_fmt(ratio.get(stage))} |")
+    elif name == "glue" and isinstance(data.get("sizes"), list):
+        for r in data["sizes"]:
+            out += ["", f"Host glue of one window at {r['size']} (source {r['source']}, window {r['window']}, "
+                    f"{r['stride']} new frames), ms per new frame; total {_fmt(r['total_numpy_ms_per_new_frame'])} "
+                    f"(torch {_fmt(r['total_torch_ms_per_new_frame'])}), target {data.get('target_ms_per_new_frame')}.",
+                    "", "| step | numpy ms | torch ms | numpy / torch |", "|---|---|---|---|"]
+            for k, st in r["steps"].items():
+                out.append(f"| {k} | {_fmt(st['numpy_ms_per_new_frame'])} | {_fmt(st['torch_ms_per_new_frame'])} | "
+                           f"{_fmt(st['ratio_numpy_over_torch'])} |")
     elif name == "shm" and "shm" in data:
         b = data.get("socket_bytes_baseline", {})
         out += ["", f"{data.get('frames')} frames of {data.get('height')}x{data.get('width')} ({_fmt(data.get('frame_mib'))} MiB):"
@@ -186,7 +195,7 @@ def write_report(results: Path, out: Path) -> Path:
     if not runs:
         lines += ["(This suite run skipped the components: the files below are the owners' own latest runs; "
                   "each JSON carries its machine block and timestamp.)", ""]
-    for name in ("shm", "prior", "networks_cpu", "anchor_cpu"):
+    for name in ("shm", "prior", "glue", "networks_cpu", "anchor_cpu"):
         if name in runs or (results / f"{name}.json").exists():
             lines += _sub_section(name, _load(results / f"{name}.json"), runs.get(name))
     gpu = sorted(set(results.glob("gpu_*.json")) | set((REPO / "bench" / "results").glob("gpu_*.json")))

@@ -4,8 +4,8 @@
    generated 576x1024 clip, for the whole tiny pipeline and for the plumbing alone (identity geometry,
    labelled as such);
 2. the component scripts of the other owners, each as its own process: bench/bench_shm.py,
-   bench/bench_prior.py, bench/bench_networks_cpu.py and bench/bench_anchor_cpu.py when present (smaller
-   arguments with --short);
+   bench/bench_prior.py, bench/bench_glue.py (host glue vs torch), bench/bench_networks_cpu.py and
+   bench/bench_anchor_cpu.py when present (smaller arguments with --short);
 3. bench/report.py: bench/REPORT.md (or REPORT.md beside a custom results folder) with a PIL plot.
 
 Results: ``<results>/suite.json`` (what ran, exit codes, wall times, machine) and each script's own JSON in
@@ -54,6 +54,11 @@ def component_commands(short: bool, results: Path) -> list[tuple[str, list[str],
     if (REPO / "bench" / "bench_prior.py").exists():
         extra = ["--configs", "tiny", "--sizes", "576x1024", "--frames", "4"] if short else []
         cmds.append(("prior", [py, "bench/bench_prior.py", *extra, "--out", str(results / "prior.json")], 900))
+    if (REPO / "bench" / "bench_glue.py").exists():
+        from bench.bench_glue import SHORT_ARGS
+
+        extra = SHORT_ARGS if short else []
+        cmds.append(("glue", [py, "bench/bench_glue.py", *extra, "--out", str(results / "glue.json")], 900))
     if (REPO / "bench" / "bench_networks_cpu.py").exists():
         # short: the two cheap cases, one run (Jittor's CPU convolutions make the VAE cases slow)
         extra = ["--runs", "1", "--only", "clip_vision", "--only", "unet_vid2vid"] if short else []

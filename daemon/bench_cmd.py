@@ -1,5 +1,5 @@
-"""`geometryd bench [--short] [--gpu [--dry-run-cpu]]`: the benchmark suite (bench/suite.py) or the GPU
-benchmark script (bench/gpu/run.sh). Results: JSON in bench/results/, a report in bench/REPORT.md.
+"""`geometryd bench [--short] [--gpu [--dry-run-cpu]] [--glue]`: the benchmark suite (bench/suite.py), the GPU
+benchmark script (bench/gpu/run.sh) or the host-glue benchmark alone (bench/bench_glue.py). Results: JSON in bench/results/, a report in bench/REPORT.md.
 
 The bench/ folder is part of the source checkout (not of an installed wheel): the command says so when it
 is absent.
@@ -30,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-components", action="store_true", help="only the end-to-end runs")
     p.add_argument("--gpu", action="store_true", help="run bench/gpu/run.sh instead (needs a CUDA device)")
     p.add_argument("--dry-run-cpu", action="store_true", help="with --gpu: the same script with tiny configs on CPU")
+    p.add_argument("--glue", action="store_true", help="only the host-glue benchmark (bench/bench_glue.py: numpy "
+                                                      "steps of one window vs torch); --short: a smaller window")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -50,6 +52,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return subprocess.call(["bash", str(script), *(["--dry-run-cpu"] if args.dry_run_cpu else [])], cwd=REPO)
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
+    if args.glue:
+        from bench.bench_glue import SHORT_ARGS
+        from bench.bench_glue import main as glue_main
+
+        out = (args.results or (REPO / "bench" / "results" / ("short" if args.short else ""))) / "glue.json"
+        return glue_main([*(SHORT_ARGS if args.short else []), "--out", str(out)])  # last line: the summary
     from bench.e2e_cpu import exit_on_sigterm
     from bench.suite import run_suite
 

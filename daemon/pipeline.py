@@ -213,14 +213,16 @@ def decode_post(
             dl = resample.resize(dl, out_size, "nearest_exact")
             vl = resample.resize(vl, out_size, "nearest_exact")
         else:
-            dl = np.log(resample.resize(np.exp(np.minimum(dl, np.float32(10.0))), out_size, "bilinear"))
+            e = np.minimum(dl, np.float32(10.0))
+            dl = resample.resize(np.exp(e, out=e), out_size, "bilinear")
+            np.log(dl, out=dl)
             vl = resample.resize(vl, out_size, "bilinear")
         a = resample.resize(a, out_size, "bilinear")
     ho, wo = out_size
     diag = np.float32(np.sqrt(np.float32(wo * wo + ho * ho)))
-    fx = (a * (np.float32(wo) / diag)).astype(np.float32)
-    fy = (a * (np.float32(ho) / diag)).astype(np.float32)
-    return DecodedMaps(fx=fx, fy=fy, log_depth=dl.astype(np.float32), valid=vl > 0)
+    fx = np.multiply(a, np.float32(wo) / diag, dtype=np.float32)
+    fy = np.multiply(a, np.float32(ho) / diag, dtype=np.float32)
+    return DecodedMaps(fx=fx, fy=fy, log_depth=np.asarray(dl, np.float32), valid=vl > 0)
 
 
 def projected_focal(maps: DecodedMaps, per_frame: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -241,10 +243,14 @@ def points_from_maps(maps: DecodedMaps, fx: np.ndarray, fy: np.ndarray) -> tuple
     fy = np.asarray(fy, np.float32)
     if fx.ndim == 1:
         fx, fy = fx[:, None, None], fy[:, None, None]
-    z = np.exp(np.minimum(maps.log_depth, np.float32(10.0))).astype(np.float32)
-    x = fx * gx[None, None, :] * z
-    y = fy * gy[None, :, None] * z
-    return np.stack([x, y, z], axis=-1).astype(np.float32), z
+    z = np.minimum(maps.log_depth, np.float32(10.0))
+    np.exp(z, out=z)
+    points = np.empty((n, ho, wo, 3), np.float32)
+    # the same products in the same order as (fx * g) * z, written straight into the interleaved output
+    np.multiply(fx * gx[None, None, :], z, out=points[..., 0])
+    np.multiply(fy * gy[None, :, None], z, out=points[..., 1])
+    points[..., 2] = z
+    return points, z
 
 
 def normalised_intrinsics(fx: np.ndarray, fy: np.ndarray, ho: int, wo: int) -> np.ndarray:
@@ -277,14 +283,82 @@ def _check_sizes(height: int, width: int, h0: int, w0: int, window_size: int, ov
         raise ValueError(f"overlap must be in [0, window_size) = [0, {window_size}), got {overlap}")
 
 
-def _frames_to_unit(frames: np.ndarray) -> np.ndarray:
-    """(n,H0,W0,3) uint8 or float in [0,1] -> (n,3,H0,W0) float32 in [0,1]."""
+def _check_frames(frames: np.ndarray) -> None:
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be (T, H, W, 3), got shape {frames.shape}")
+
+
+def _frames_to_unit(frames: np.ndarray) -> np.ndarray:
+    """(n,H0,W0,3) uint8 or float in [0,1] -> (n,3,H0,W0) float32 in [0,1]."""
+    _check_frames(frames)
     x = frames.astype(np.float32)
     if frames.dtype == np.uint8:
         x = x / np.float32(255.0)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def round_to_fp16(x: np.ndarray) -> np.ndarray:
+    """float32 -> the float32 value of ``x.astype(float16)`` (round to nearest even), in place when possible.
+
+    numpy's float16 casts are scalar loops (~13x a float32 pass on the 2-core box); this rounds the float32
+    bit pattern at the fp16 mantissa width instead, with fp16's subnormal range (|x| < 2^-14, a fixed step of
+    2^-24) rounded by adding and removing 0.75. Checked against the cast on every float32 in [-1, 1]. Values
+    outside the fp16 range (or NaN) take numpy's cast.
+    """
+    x = np.ascontiguousarray(x, np.float32)
+    big = np.abs(x).max(initial=0.0)
+    if not big < np.float32(65504.0):
+        return x.astype(np.float16).astype(np.float32)
+    bits = x.view(np.uint32)
+    r = np.right_shift(bits, np.uint32(13))
+    np.bitwise_and(r, np.uint32(1), out=r)
+    r += np.uint32(0x0FFF)
+    r += bits
+    np.bitwise_and(r, np.uint32(0xFFFFE000), out=r)
+    out = r.view(np.float32)
+    small = np.abs(x) < np.float32(2.0**-14)
+    if small.any():
+        xs = x[small]
+        t = xs + np.float32(0.75)
+        t -= np.float32(0.75)
+        out[small] = np.copysign(t, xs)
+    return out
+
+
+def to_signed_unit(v: np.ndarray, ld: type) -> np.ndarray:
+    """Spec 4.3.1: v in [0,1] -> 2v - 1 computed in the latent dtype, returned as float32 (what the encoders
+    take; in fp16 mode the values are exactly the fp16 ones).
+
+    fp16: upstream computes ``v * 2 - 1`` in fp16. For fp16 v both steps are exact in float32 (2v is, and
+    2v - 1 of an 11-bit mantissa fits), so computing in float32 and rounding once gives the same fp16 values
+    (checked on every fp16 value in [0, 1], tests/test_glue_fast.py); the roundings to fp16 run on float32
+    bits (:func:`round_to_fp16`).
+    """
+    w = np.array(v, np.float32)
+    if ld != np.float32:
+        w = round_to_fp16(w)
+    np.multiply(w, np.float32(2.0), out=w)
+    np.subtract(w, np.float32(1.0), out=w)
+    return w if ld == np.float32 else round_to_fp16(w)
+
+
+def frames_at_size(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(n,H0,W0,3) uint8 or float [0,1] -> (n,3,H,W) float32 in [0,1] at the processing size (spec 4.3.1:
+    antialiased bicubic, clamped), the same values as ``clip(resize(_frames_to_unit(frames)), 0, 1)``.
+
+    The unit conversion is fused into the rows-outermost copy the banded resize works on.
+    """
+    _check_frames(frames)
+    n, h0, w0, _ = frames.shape
+    if (h0, w0) == tuple(size):
+        return _frames_to_unit(frames)
+    xr = np.empty((h0, n, 3, w0), np.float32)
+    np.copyto(xr, frames.transpose(1, 0, 3, 2), casting="unsafe")
+    if frames.dtype == np.uint8:
+        np.divide(xr, np.float32(255.0), out=xr)
+    r = resample.resize_hnw(xr.reshape(h0, n * 3, w0), size, "bicubic_aa")  # (H, n*3, W)
+    np.clip(r, np.float32(0.0), np.float32(1.0), out=r)
+    return np.ascontiguousarray(r.reshape(size[0], n, 3, size[1]).transpose(1, 2, 0, 3))
 
 
 def _check_prior(frames: np.ndarray, points: np.ndarray, mask: np.ndarray) -> None:
@@ -396,21 +470,32 @@ class GeometryCrafter:
     def encode(
         self, frames01: np.ndarray, x4: np.ndarray, size: tuple[int, int], chunk: int, progress: Any = None
     ) -> Conditioning:
-        """Spec 4.3 on frames (n,3,H0,W0) in [0,1] and prior x4 (n,4,H,W), in chunks of ``chunk`` frames."""
+        """Spec 4.3 on frames and prior x4 (n,4,H,W), in chunks of ``chunk`` frames.
+
+        ``frames``: (n,H0,W0,3) uint8 or float in [0,1] (converted and resized chunk by chunk), or already
+        (n,3,H0,W0) float in [0,1]."""
         ld = self.latent_dtype
         parts = []
+        channels_last = frames01.ndim == 4 and frames01.shape[-1] == 3
+        if not channels_last and (frames01.ndim != 4 or frames01.shape[1] != 3):
+            _check_frames(frames01)  # raises with the expected layout
         for s in range(0, frames01.shape[0], chunk):
-            v = frames01[s : s + chunk]
-            if v.shape[-2:] != tuple(size):
-                v = np.clip(resample.resize(v, size, "bicubic_aa"), 0.0, 1.0).astype(np.float32)
-            v = v.astype(ld)
-            v = (v * ld(2.0) - ld(1.0)).astype(ld)  # fp16 arithmetic like upstream in fp16 mode
+            if channels_last:
+                v = frames_at_size(frames01[s : s + chunk], size)
+            else:
+                v = frames01[s : s + chunk]
+                if v.shape[-2:] != tuple(size):
+                    v = np.clip(resample.resize(v, size, "bicubic_aa"), 0.0, 1.0).astype(np.float32)
+            v32 = to_signed_unit(v, ld)
             # CLIP: fp32 resize224 -> [0,1] -> normalise -> network dtype
-            c = resample.resize224(v.astype(np.float32))
-            c = ((c + np.float32(1.0)) / np.float32(2.0) - self.clip_mean) / self.clip_std
+            c = resample.resize224(v32)
+            np.add(c, np.float32(1.0), out=c)
+            np.divide(c, np.float32(2.0), out=c)
+            np.subtract(c, self.clip_mean, out=c)
+            np.divide(c, self.clip_std, out=c)
             emb = _np(self.clip.image_embeds(c.astype(ld))).astype(ld)
             self._after_call()
-            vlat = _np(self.svd_vae.encode(v.astype(np.float32))).astype(ld)
+            vlat = _np(self.svd_vae.encode(v32)).astype(ld)
             self._after_call()
             xs = x4[s : s + chunk]
             pseudo = np.repeat(xs[:, 2:3], 3, axis=1)
@@ -421,7 +506,7 @@ class GeometryCrafter:
             plat = ((mean + offset) * np.float32(VAE_SCALING)).astype(ld)
             parts.append(Conditioning(emb, vlat, plat))
             if progress is not None:
-                progress(v.shape[0])
+                progress(v32.shape[0])
         return Conditioning.concat(parts)
 
     def _added_time_ids(self) -> np.ndarray:
@@ -551,7 +636,7 @@ class GeometryCrafter:
             stats = compute_stats(np.asarray(prior_points, np.float32), np.asarray(prior_mask, bool))
             x4 = prior_to_x4(prior_points, prior_mask, size, stats, nan_guard=nan_guard)
         with stages.stage("encode", t) as tick:
-            cond = self.encode(_frames_to_unit(frames), x4, size, decode_chunk_size, tick)
+            cond = self.encode(frames, x4, size, decode_chunk_size, tick)
         del x4
 
         plan = window_plan(t, window_size, overlap)
@@ -718,7 +803,7 @@ class StreamingSession:
         self._time("prior", t0)
 
         t0 = time.perf_counter()
-        new = gc.encode(_frames_to_unit(frames[reuse:]), x4, self.size, self.decode_chunk_size)
+        new = gc.encode(frames[reuse:], x4, self.size, self.decode_chunk_size)
         cond = new if reuse == 0 else Conditioning.concat([self._cond_tail, new])  # type: ignore[list-item]
         self._cond_tail = cond.slice(f - self.overlap, f) if self.overlap else None
         self._time("encode", t0)
