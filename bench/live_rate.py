@@ -1,0 +1,126 @@
+"""Camera-rate latency of the daemon: a file source with ``realtime = true`` paced at the clip's fps, the tiny
+random-weight model on the CPU, a real sidecar and mosquitto. Per profile: per-frame latency p50/p99 of the
+preview tier and of the refined tier (ingest -> published, measured by the daemon), frames skipped by the
+overload policy, the effective window frame rate. Profiles: the shipped window (110/25) and the
+"low-latency" one (25/5, config.toml). Also runs ``geometryd demo`` (defaults) and records the two latency
+lines it prints.
+
+There is no torch counterpart of a daemon's latency, so no torch ratio here; the figure of merit is the
+preview/refined ratio. On a shared CPU the absolute numbers move with the load.
+
+    python -m bench.live_rate [--frames 360] [--fps 24] [--profiles shipped,low-latency] [--no-demo]
+Writes bench/results/live_rate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from daemon.config import write_config
+from daemon.demo import start_mosquitto, synthetic_clip
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILES = {"shipped": (110, 25), "low-latency": (25, 5)}
+
+
+def _config(model: Path, clip: Path, port: int | None, window: int, overlap: int, steps: int) -> dict[str, Any]:
+    return {
+        "model": {"dir": str(model), "variant": "diff", "dtype": "fp32"},
+        "geometry": {"height": 64, "width": 128, "window_size": window, "overlap": overlap, "steps": steps,
+                     "decode_chunk_size": 8},
+        "prior": {"device": "cpu", "resolution_level": 0},
+        "mqtt": {"enabled": port is not None, "port": port or 1883, "qos": 0, "depth_encoding": "f16",
+                 "topic_prefix": "live"},
+        "http": {"enabled": False},
+        "logging": {"level": "info"},
+        "sources": {"cam": {"type": "file", "path": str(clip), "realtime": True}},
+    }
+
+
+def run_profile(work: Path, model: Path, clip: Path, window: int, overlap: int, steps: int) -> dict[str, Any]:
+    work.mkdir(parents=True, exist_ok=True)
+    broker = start_mosquitto(work)
+    try:
+        cfg = work / "config.toml"
+        write_config(cfg, _config(model, clip, broker[1] if broker else None, window, overlap, steps))
+        summary = work / "summary.json"
+        t0 = time.monotonic()
+        with open(work / "daemon.log", "w") as log:
+            rc = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", str(cfg), "--exit-when-done",
+                                 "--summary", str(summary)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                timeout=1800).returncode
+        wall = time.monotonic() - t0
+    finally:
+        if broker is not None:
+            broker[0].terminate()
+            broker[0].wait(10)
+    if rc != 0:
+        raise RuntimeError(f"daemon failed ({rc}); log: {work / 'daemon.log'}")
+    src = json.loads(summary.read_text())["sources"]["cam"]
+    pv = src["previews"]
+    return {"window_size": window, "overlap": overlap, "steps": steps, "wall_s": round(wall, 1),
+            "frames_in": src["frames_in"], "frames_out": src["frames_out"], "skipped": src["skipped"],
+            "dropped": src["dropped"], "balanced": src["balanced"], "window_fps_last": src.get("window_fps"),
+            "refined_latency_s": src["latency_s"], "preview_latency_s": pv["latency_s"],
+            "previews": {k: pv[k] for k in ("in", "out", "dropped", "balanced")}}
+
+
+def run_demo(work: Path) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "daemon", "demo", "--workdir", str(work)], cwd=REPO,
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    lines = {k: next((ln for ln in proc.stdout.splitlines() if ln.startswith(f"[demo] {k} latency")), "")
+             for k in ("preview", "refined")}
+    p50 = {k: float(re.search(r"p50 ([0-9.]+) s", v).group(1)) for k, v in lines.items()}  # type: ignore[union-attr]
+    return {"lines": lines, "preview_p50_s": p50["preview"], "refined_p50_s": p50["refined"],
+            "refined_over_preview": p50["refined"] / max(p50["preview"], 1e-9)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--frames", type=int, default=360)
+    ap.add_argument("--fps", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--profiles", default="shipped,low-latency")
+    ap.add_argument("--no-demo", action="store_true")
+    ap.add_argument("--workdir", default="var/bench-live")
+    args = ap.parse_args(argv)
+    from daemon.tiny import make_tiny
+
+    work = (REPO / args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    model = (REPO / "var/tiny-model").resolve()
+    make_tiny(model, 0)
+    clip = work / f"clip_{args.frames}_{args.fps}.mp4"
+    if not clip.exists():
+        synthetic_clip(clip, args.frames, 128, 256, fps=args.fps)
+    out: dict[str, Any] = {"clip": {"frames": args.frames, "fps": args.fps, "size": [128, 256]},
+                           "machine": f"{os.cpu_count()} CPU cores (shared)", "profiles": {}}
+    for name in [p for p in args.profiles.split(",") if p]:
+        w, o = PROFILES[name]
+        out["profiles"][name] = run_profile(work / name, model, clip, w, o, args.steps)
+        r = out["profiles"][name]
+        print(f"{name:12s} window {w}/{o}: preview p50 {r['preview_latency_s']['p50']:.3f} s "
+              f"p99 {r['preview_latency_s']['p99']:.3f} s | refined p50 {r['refined_latency_s']['p50']:.2f} s "
+              f"p99 {r['refined_latency_s']['p99']:.2f} s | in {r['frames_in']} out {r['frames_out']} "
+              f"skipped {r['skipped']}", flush=True)
+    if not args.no_demo:
+        out["demo"] = run_demo(work / "demo")
+        print("\n".join(out["demo"]["lines"].values()))
+    dest = REPO / "bench" / "results" / "live_rate.json"
+    dest.write_text(json.dumps(out, indent=1))
+    print(f"-> {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
