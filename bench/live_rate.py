@@ -15,23 +15,81 @@ Writes bench/results/live_rate.json.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from daemon.config import write_config
 from daemon.demo import start_mosquitto, synthetic_clip
+from daemon.encoding import decode_depth
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = {"shipped": (110, 25), "low-latency": (25, 5)}
 
 
-def _config(model: Path, clip: Path, port: int | None, window: int, overlap: int, steps: int) -> dict[str, Any]:
+class DepthCollector:
+    """Every depth message (both tiers) of ``live/cam`` in a thread with its own event loop."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.depth: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=lambda: self._loop.run_until_complete(self._main()), daemon=True)
+        self._thread.start()
+        self.ready.wait(15)
+
+    async def _main(self) -> None:
+        import aiomqtt
+
+        from daemon.encoding import from_mqtt_properties
+        from daemon.subscribe import install_fast_properties_unpack
+
+        install_fast_properties_unpack()
+        self._stop = asyncio.Event()
+        async with aiomqtt.Client("127.0.0.1", self.port, protocol=aiomqtt.ProtocolVersion.V5) as client:
+            await client.subscribe("live/cam/depth", qos=0)
+            await client.subscribe("live/cam/preview/depth", qos=0)
+            self.ready.set()
+            async for m in client.messages:
+                user = from_mqtt_properties(m.properties)
+                self.depth[(user["tier"], int(user["frame_index"]))] = decode_depth(bytes(m.payload), user)
+
+    def close(self) -> None:
+        for t in asyncio.all_tasks(self._loop):
+            self._loop.call_soon_threadsafe(t.cancel)
+        self._thread.join(5)
+
+    def disagreement(self) -> dict[str, Any] | None:
+        """Per frame with both tiers: |log(median preview depth / median refined depth)| (the units the scale
+        rule controls) and the median relative per-pixel difference; p50/max over frames."""
+        units, pix = [], []
+        for (tier, idx), (dp, vp) in self.depth.items():
+            if tier != "preview" or ("refined", idx) not in self.depth:
+                continue
+            dr, vr = self.depth[("refined", idx)]
+            both = vp & vr & (dr > 0) & (dp > 0)
+            if not both.any():
+                continue
+            units.append(abs(float(np.log(np.median(dp[both]) / np.median(dr[both])))))
+            pix.append(float(np.median(np.abs(dp[both] - dr[both]) / dr[both])))
+        if not units:
+            return None
+        return {"frames": len(units), "log_median_ratio_p50": float(np.median(units)),
+                "log_median_ratio_max": float(np.max(units)), "pixel_rel_diff_p50": float(np.median(pix))}
+
+
+def _config(model: Path, clip: Path, port: int | None, window: int, overlap: int, steps: int,
+            realtime: bool = True) -> dict[str, Any]:
     return {
         "model": {"dir": str(model), "variant": "diff", "dtype": "fp32"},
         "geometry": {"height": 64, "width": 128, "window_size": window, "overlap": overlap, "steps": steps,
@@ -41,16 +99,18 @@ def _config(model: Path, clip: Path, port: int | None, window: int, overlap: int
                  "topic_prefix": "live"},
         "http": {"enabled": False},
         "logging": {"level": "info"},
-        "sources": {"cam": {"type": "file", "path": str(clip), "realtime": True}},
+        "sources": {"cam": {"type": "file", "path": str(clip), "realtime": realtime}},
     }
 
 
-def run_profile(work: Path, model: Path, clip: Path, window: int, overlap: int, steps: int) -> dict[str, Any]:
+def run_profile(work: Path, model: Path, clip: Path, window: int, overlap: int, steps: int,
+                realtime: bool = True) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     broker = start_mosquitto(work)
+    collector = DepthCollector(broker[1]) if broker else None
     try:
         cfg = work / "config.toml"
-        write_config(cfg, _config(model, clip, broker[1] if broker else None, window, overlap, steps))
+        write_config(cfg, _config(model, clip, broker[1] if broker else None, window, overlap, steps, realtime))
         summary = work / "summary.json"
         t0 = time.monotonic()
         with open(work / "daemon.log", "w") as log:
@@ -58,7 +118,10 @@ def run_profile(work: Path, model: Path, clip: Path, window: int, overlap: int, 
                                  "--summary", str(summary)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 timeout=1800).returncode
         wall = time.monotonic() - t0
+        time.sleep(0.5)
     finally:
+        if collector is not None:
+            collector.close()
         if broker is not None:
             broker[0].terminate()
             broker[0].wait(10)
@@ -70,7 +133,8 @@ def run_profile(work: Path, model: Path, clip: Path, window: int, overlap: int, 
             "frames_in": src["frames_in"], "frames_out": src["frames_out"], "skipped": src["skipped"],
             "dropped": src["dropped"], "balanced": src["balanced"], "window_fps_last": src.get("window_fps"),
             "refined_latency_s": src["latency_s"], "preview_latency_s": pv["latency_s"],
-            "previews": {k: pv[k] for k in ("in", "out", "dropped", "balanced")}}
+            "previews": {k: pv[k] for k in ("in", "out", "dropped", "balanced")},
+            "preview_vs_refined": collector.disagreement() if collector is not None else None}
 
 
 def run_demo(work: Path) -> dict[str, Any]:
@@ -114,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
               f"p99 {r['refined_latency_s']['p99']:.2f} s | in {r['frames_in']} out {r['frames_out']} "
               f"skipped {r['skipped']}", flush=True)
     if not args.no_demo:
+        # the demo's clip and settings (32 frames, window 16/4, 2 steps, not paced): units disagreement
+        demo_clip = work / "demo_clip.mp4"
+        if not demo_clip.exists():
+            synthetic_clip(demo_clip, 32, 128, 256)
+        out["demo_clip_disagreement"] = run_profile(work / "demo-clip", model, demo_clip, 16, 4, 2, realtime=False)
+        print(f"demo clip preview vs refined: {out['demo_clip_disagreement']['preview_vs_refined']}")
         out["demo"] = run_demo(work / "demo")
         print("\n".join(out["demo"]["lines"].values()))
     dest = REPO / "bench" / "results" / "live_rate.json"

@@ -14,16 +14,18 @@ Precision (spec 1.3): ``dtype="fp16"`` runs UNet and CLIP in fp16, keeps latents
 Streaming (:class:`StreamingSession`) deviates from the clip-global offline algorithm only where the offline
 algorithm needs the future (spec 4.9); the choices are documented in ``docs/streaming.md``:
 
-1. prior normalisation (depth scale ``s``, disparity ``lo``/``hi``) is computed on the *first* window and
-   frozen for the session;
+1. prior normalisation (depth scale ``s``, disparity ``lo``/``hi``) follows the scene per window and per
+   frame (``stats_policy="follow"``, daemon/streaming_stats.py) or is computed on the first window and
+   frozen (``"frozen"``, the 0.1.0 behaviour);
 2. the noise bank is generated and rotated exactly as offline, windows are stitched in latent space exactly
    as offline; a window's last ``overlap`` frames are held back until the next window has been blended in;
 3. decoding runs on consecutive chunks of ``decode_chunk_size`` final frames aligned to the stream start,
    exactly the offline chunking; a partial chunk waits for more final frames (or :meth:`flush`);
-4. with ``force_fixed_focal`` the focal is computed from the first decoded chunks and frozen; with
+4. with ``force_fixed_focal`` the focal is anchored per statistics segment and smoothed per decode chunk
+   (``follow``) or computed from the first decoded chunks and frozen (``frozen``); with
    ``force_projection`` alone it is per frame (exact).
-Consequently a single window (one push + flush) equals the offline output exactly when the first decode
-covers the whole window or the focal is per frame (tests/test_pipeline_streaming.py).
+Consequently, with ``frozen``, a single window (one push + flush) equals the offline output exactly when the
+first decode covers the whole window or the focal is per frame (tests/test_pipeline_streaming.py).
 """
 
 from __future__ import annotations
@@ -586,7 +588,7 @@ class StreamingSession:
     window k > 0 = the last ``overlap`` frames of window k-1 followed by ``stride`` new frames, with
     ``first_frame_index`` = previous first + stride. The last window may be shorter (> overlap frames).
     A window that does not continue the previous one restarts stitching (pending frames are flushed first;
-    the frozen prior statistics and focal are kept).
+    ``follow`` statistics and focal start a new segment, ``frozen`` ones are kept).
     """
 
     def __init__(
