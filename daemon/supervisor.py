@@ -452,7 +452,7 @@ class SourceRunner:
         self._batcher_done = False
         self.preview_on = bool(getattr(src, "preview", False)) and (cfg.mqtt.enabled or cfg.http.enabled)
         self.preview_scale = PreviewScale(cfg.streaming.cut_threshold)
-        self._preview_pending: set[int] = set()  # seqs with a preview not yet published or dropped
+        self._preview_pending: set[int] = set()  # seqs whose preview was not yet handed to a sink
 
     def _make_ingest(self) -> Any:
         g = self.d.cfg.geometry
@@ -665,10 +665,9 @@ class SourceRunner:
             m.preview_out(self.name, time.monotonic() - meta.t_ingest)
             return
 
+        self._preview_pending.discard(meta.seq)  # handed to the publisher: its outcome counts it
+
         def done(ok: bool, reason: str) -> None:
-            if meta.seq not in self._preview_pending:
-                return  # already counted (shutdown)
-            self._preview_pending.discard(meta.seq)
             if ok:
                 m.preview_out(self.name, time.monotonic() - meta.t_ingest)
             else:
