@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=360)
     ap.add_argument("--fps", type=int, default=24)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--profiles", default="shipped,low-latency")
+    ap.add_argument("--profiles", default="low-latency,shipped")
     ap.add_argument("--no-demo", action="store_true")
     ap.add_argument("--workdir", default="var/bench-live")
     args = ap.parse_args(argv)
@@ -168,7 +168,27 @@ def main(argv: list[str] | None = None) -> int:
     if not clip.exists():
         synthetic_clip(clip, args.frames, 128, 256, fps=args.fps)
     out: dict[str, Any] = {"clip": {"frames": args.frames, "fps": args.fps, "size": [128, 256]},
-                           "machine": f"{os.cpu_count()} CPU cores (shared)", "profiles": {}}
+                           "machine": {"cpus": os.cpu_count(), "note": "shared with other jobs",
+                                       "loadavg_at_start": os.getloadavg(),
+                                       "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                           "profiles": {}}
+    dest = REPO / "bench" / "results" / "live_rate.json"
+
+    def save() -> None:  # after every run: a long profile must not lose the others
+        out["machine"]["loadavg_at_end"] = os.getloadavg()
+        dest.write_text(json.dumps(out, indent=1))
+
+    if not args.no_demo:
+        out["demo"] = run_demo(work / "demo")
+        print("\n".join(out["demo"]["lines"].values()), flush=True)
+        save()
+        # the demo's clip and settings (32 frames, window 16/4, 2 steps, not paced): units disagreement
+        demo_clip = work / "demo_clip.mp4"
+        if not demo_clip.exists():
+            synthetic_clip(demo_clip, 32, 128, 256)
+        out["demo_clip_disagreement"] = run_profile(work / "demo-clip", model, demo_clip, 16, 4, 2, realtime=False)
+        print(f"demo clip preview vs refined: {out['demo_clip_disagreement']['preview_vs_refined']}", flush=True)
+        save()
     for name in [p for p in args.profiles.split(",") if p]:
         w, o = PROFILES[name]
         out["profiles"][name] = run_profile(work / name, model, clip, w, o, args.steps)
@@ -177,17 +197,7 @@ def main(argv: list[str] | None = None) -> int:
               f"p99 {r['preview_latency_s']['p99']:.3f} s | refined p50 {r['refined_latency_s']['p50']:.2f} s "
               f"p99 {r['refined_latency_s']['p99']:.2f} s | in {r['frames_in']} out {r['frames_out']} "
               f"skipped {r['skipped']}", flush=True)
-    if not args.no_demo:
-        # the demo's clip and settings (32 frames, window 16/4, 2 steps, not paced): units disagreement
-        demo_clip = work / "demo_clip.mp4"
-        if not demo_clip.exists():
-            synthetic_clip(demo_clip, 32, 128, 256)
-        out["demo_clip_disagreement"] = run_profile(work / "demo-clip", model, demo_clip, 16, 4, 2, realtime=False)
-        print(f"demo clip preview vs refined: {out['demo_clip_disagreement']['preview_vs_refined']}")
-        out["demo"] = run_demo(work / "demo")
-        print("\n".join(out["demo"]["lines"].values()))
-    dest = REPO / "bench" / "results" / "live_rate.json"
-    dest.write_text(json.dumps(out, indent=1))
+        save()
     print(f"-> {dest}")
     return 0
 
