@@ -44,9 +44,15 @@ class DepthCollector:
         self.depth: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         self.ready = threading.Event()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=lambda: self._loop.run_until_complete(self._main()), daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         self.ready.wait(15)
+
+    def _run(self) -> None:
+        try:
+            self._loop.run_until_complete(self._main())
+        except asyncio.CancelledError:  # close()
+            pass
 
     async def _main(self) -> None:
         import aiomqtt
