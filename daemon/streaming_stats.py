@@ -10,8 +10,9 @@ Pure numpy, no networks (docs/streaming.md "Statistics that follow the scene"). 
   moves a fraction ``smoothing`` of the way in log space, at most ``max_step`` (log units) per window, and
   ramps that change linearly over the window's new frames, so consecutive frames never differ by more than
   ``max_step / stride``. Quantiles use valid pixels only. A scene cut is a change of the mean valid depth or
-  of the 99 % inverse-depth quantile between consecutive frames larger than ``cut_threshold`` (log units);
-  the frames from the cut on start a new segment (new anchor).
+  of the 99 % inverse-depth quantile between consecutive frames larger than ``cut_threshold`` (log units)
+  AND larger than ``JITTER_FACTOR`` times the median change of the recent frames (a noisy prior, e.g.
+  random weights, is not a string of cuts); the frames from the cut on start a new segment (new anchor).
 
 The disparity range is kept in raw inverse-depth units (``L``, ``H``; ``lo = s L``, ``hi = s H``), because
 the normalised disparity ``(s/z - lo) / (hi - lo)`` depends on ``L`` and ``H`` only.
@@ -20,6 +21,8 @@ the normalised disparity ``(s/z - lo) / (hi - lo)`` depends on ``L`` and ``H`` o
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +30,8 @@ import numpy as np
 from daemon.prior_post import Q_HI, Q_LO, PriorStats, compute_stats
 
 POLICIES = ("follow", "frozen")
+JITTER_FACTOR = 4.0  # a cut must stand out of the recent frame-to-frame changes by this factor
+JITTER_FRAMES = 16
 
 
 @dataclass(frozen=True)
@@ -96,18 +101,34 @@ class FollowStats:
         self.cuts = 0
         self._state: tuple[float, float, float] | None = None  # (log s, log L, log H) after the last frame
         self._last: FrameStat | None = None  # last frame seen (cut detection)
+        self._recent: deque[float] = deque(maxlen=JITTER_FRAMES)  # recent frame-to-frame changes (no cuts)
+        self._flags: list[bool] = []  # per new frame of the last window: a cut starts there
 
     def restart(self) -> None:
         """A source restart: the next window starts a new segment."""
         self._state = None
         self._last = None
+        self._recent.clear()
+        self._flags = []
+
+    @staticmethod
+    def change(prev: FrameStat | None, cur: FrameStat) -> float | None:
+        """Log change of the mean valid depth or the 99 % inverse depth, whichever is larger."""
+        if prev is None or not prev.n_valid or not cur.n_valid:
+            return None
+        return max(abs(math.log(cur.mean_depth / prev.mean_depth)),
+                   abs(math.log(max(cur.inv_hi, 1e-12) / max(prev.inv_hi, 1e-12))))
 
     def is_cut(self, prev: FrameStat | None, cur: FrameStat) -> bool:
-        if prev is None or not prev.n_valid or not cur.n_valid:
+        """Cut test for consecutive frames; records the change as recent jitter when it is no cut."""
+        d = self.change(prev, cur)
+        if d is None:
             return False
-        t = self.p.cut_threshold
-        return (abs(math.log(cur.mean_depth / prev.mean_depth)) > t
-                or abs(math.log(max(cur.inv_hi, 1e-12) / max(prev.inv_hi, 1e-12))) > t)
+        jitter = statistics.median(self._recent) if len(self._recent) >= 4 else 0.0
+        cut = d > self.p.cut_threshold and d > JITTER_FACTOR * jitter
+        if not cut:
+            self._recent.append(d)
+        return cut
 
     def window(self, stats: list[FrameStat], n_reused: int) -> list[FrameNorm]:
         """Normalisation of the window's new frames ``stats[n_reused:]`` (the first ``n_reused`` were
@@ -117,13 +138,18 @@ class FollowStats:
         runs: list[tuple[int, int, bool]] = []  # (start, end) in `stats`, starts a segment
         start, fresh = n_reused, self._state is None
         prev = self._last
+        reused_flags = self._flags[len(self._flags) - n_reused:] if n_reused else []
+        flags = []
         for i in range(n_reused, len(stats)):
             before = stats[i - 1] if i > start else prev
-            if self.is_cut(before, stats[i]):
+            cut = self.is_cut(before, stats[i])
+            flags.append(cut)
+            if cut:
                 if i > start:
                     runs.append((start, i, fresh))
                 start, fresh = i, True
         runs.append((start, len(stats), fresh))
+        self._flags = (self._flags + flags)[-max(len(stats), 1):]
         out: list[FrameNorm] = []
         for s, e, fresh in runs:
             if fresh:
@@ -135,11 +161,7 @@ class FollowStats:
                 out.extend([norm] * (e - s))
                 continue
             # continuing: estimate over the frames of this segment in the window (shared + new)
-            first = 0
-            for i in range(n_reused - 1, 0, -1):
-                if self.is_cut(stats[i - 1], stats[i]):
-                    first = i
-                    break
+            first = max((i for i, f in enumerate(reused_flags) if f), default=0)
             target = _target(stats[first:e])
             assert self._state is not None
             old = self._state

@@ -88,3 +88,21 @@ def test_figures_use_every_frame() -> None:
     assert len(norms) == 60 and windows[0] == (0, 20) and windows[-1][1] == 60
     f = figures(norms, windows, points, mask, cut=30)
     assert 0 <= f.frac_outside < 1 and len(f.per_window_scale_error) == len(windows)
+
+
+def test_a_noisy_prior_is_not_a_string_of_cuts() -> None:
+    """Random-weight MoGe gives priors whose scale jumps by ~50 % between frames: those changes are the
+    recent jitter, so they do not count as cuts (the 1st version of the rule found 12 cuts in 30 frames of
+    the demo clip); a clean 4x cut after a steady stretch still does."""
+    rng = np.random.default_rng(0)
+    ok = np.ones((8, 8), bool)
+    noisy = [frame_stat(np.full((8, 8), float(np.exp(rng.normal(0, 0.5))), np.float32), ok) for _ in range(60)]
+    pol = FollowStats(PolicyParams())
+    for k in range(0, 60, 10):
+        pol.window(noisy[max(0, k - 2):k + 10], 2 if k else 0)
+    assert pol.cuts <= 1, pol.cuts
+    steady = [frame_stat(np.full((8, 8), 2.0 * (1 + 0.001 * t), np.float32), ok) for t in range(20)]
+    hall = [frame_stat(np.full((8, 8), 8.0, np.float32), ok) for _ in range(5)]
+    pol = FollowStats(PolicyParams())
+    out = pol.window(steady + hall, 0)
+    assert pol.cuts == 1 and out[19].segment == 0 and out[20].segment == 1
