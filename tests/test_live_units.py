@@ -105,3 +105,12 @@ def test_hub_sends_refined_frames_that_previews_overtook() -> None:
 
     heads = asyncio.run(main())
     assert [(h["tier"], h["frame_index"]) for h in heads] == [("refined", 3), ("preview", 9)]
+
+
+def test_preview_scale_ignores_jitter_like_the_session() -> None:
+    rng = np.random.default_rng(1)
+    ps = PreviewScale(cut_threshold=0.4)
+    ok = np.ones((4, 4), bool)
+    for seq in range(40):
+        ps.observe_prior(seq, np.full((4, 4), float(np.exp(rng.normal(0, 0.5)))), ok)
+    assert ps.segment_start <= 4  # at most an early cut, before the jitter is known

@@ -7,8 +7,8 @@ A preview is the prior point map divided by a scale ``s`` so that it is in the u
 - before the first refined frame of a segment: the mean valid prior depth of the segment's frames seen so
   far (what the session anchors a segment on);
 - a scene cut (the mean valid depth changes by more than ``cut_threshold`` in log between consecutive
-  frames, the session's rule) starts a new segment here too: refined frames from before the cut no longer
-  set the scale.
+  frames and by more than ``JITTER_FACTOR`` x the recent median change, the session's rule) starts a new
+  segment here too: refined frames from before the cut no longer set the scale.
 
 Intrinsics: the prior's own per-frame focal (spec 4.2 step 5), normalised as ``FrameResult.intrinsics``.
 """
@@ -16,11 +16,14 @@ Intrinsics: the prior's own per-frame focal (spec 4.2 step 5), normalised as ``F
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
 from daemon.resample import normalized_grid
+from daemon.streaming_stats import JITTER_FACTOR, JITTER_FRAMES
 
 
 @dataclass
@@ -66,6 +69,7 @@ class PreviewScale:
         self._sum = 0.0
         self._n = 0
         self._last_mean: float | None = None
+        self._recent: deque[float] = deque(maxlen=JITTER_FRAMES)
 
     def observe_prior(self, seq: int, z: np.ndarray, valid: np.ndarray) -> None:
         ok = valid & np.isfinite(z) & (z > 0)
@@ -74,8 +78,13 @@ class PreviewScale:
             return
         total = float(z[ok].sum(dtype=np.float64))
         mean = total / n
-        if self._last_mean is not None and abs(math.log(mean / self._last_mean)) > self.cut_threshold:
-            self.restart(seq)
+        if self._last_mean is not None:
+            d = abs(math.log(mean / self._last_mean))
+            jitter = statistics.median(self._recent) if len(self._recent) >= 4 else 0.0
+            if d > self.cut_threshold and d > JITTER_FACTOR * jitter:
+                self.restart(seq)
+            else:
+                self._recent.append(d)
         self._last_mean = mean
         if self._session is None:
             self._sum += total
