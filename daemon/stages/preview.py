@@ -65,6 +65,7 @@ class PreviewScale:
     def __init__(self, cut_threshold: float = 0.4) -> None:
         self.cut_threshold = cut_threshold
         self.segment_start = 0  # frame seq where the current segment began
+        self.cuts = 0
         self._session: float | None = None
         self._sum = 0.0
         self._n = 0
@@ -82,6 +83,7 @@ class PreviewScale:
             d = abs(math.log(mean / self._last_mean))
             jitter = statistics.median(self._recent) if len(self._recent) >= 4 else 0.0
             if d > self.cut_threshold and d > JITTER_FACTOR * jitter:
+                self.cuts += 1
                 self.restart(seq)
             else:
                 self._recent.append(d)
