@@ -101,7 +101,7 @@ class FollowStats:
         self.cuts = 0
         self._state: tuple[float, float, float] | None = None  # (log s, log L, log H) after the last frame
         self._last: FrameStat | None = None  # last frame seen (cut detection)
-        self._recent: deque[float] = deque(maxlen=JITTER_FRAMES)  # recent frame-to-frame changes (no cuts)
+        self._recent: deque[float] = deque(maxlen=JITTER_FRAMES)  # recent frame-to-frame changes
         self._flags: list[bool] = []  # per new frame of the last window: a cut starts there
 
     def restart(self) -> None:
@@ -120,15 +120,13 @@ class FollowStats:
                    abs(math.log(max(cur.inv_hi, 1e-12) / max(prev.inv_hi, 1e-12))))
 
     def is_cut(self, prev: FrameStat | None, cur: FrameStat) -> bool:
-        """Cut test for consecutive frames; records the change as recent jitter when it is no cut."""
+        """Cut test for consecutive frames; records the change in the recent history."""
         d = self.change(prev, cur)
         if d is None:
             return False
         jitter = statistics.median(self._recent) if len(self._recent) >= 4 else 0.0
-        cut = d > self.p.cut_threshold and d > JITTER_FACTOR * jitter
-        if not cut:
-            self._recent.append(d)
-        return cut
+        self._recent.append(d)  # cuts included: the median stays robust, the history unbiased
+        return d > self.p.cut_threshold and d > JITTER_FACTOR * jitter
 
     def window(self, stats: list[FrameStat], n_reused: int) -> list[FrameNorm]:
         """Normalisation of the window's new frames ``stats[n_reused:]`` (the first ``n_reused`` were

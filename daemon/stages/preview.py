@@ -82,11 +82,10 @@ class PreviewScale:
         if self._last_mean is not None:
             d = abs(math.log(mean / self._last_mean))
             jitter = statistics.median(self._recent) if len(self._recent) >= 4 else 0.0
+            self._recent.append(d)  # cuts included: the median stays robust, the history unbiased
             if d > self.cut_threshold and d > JITTER_FACTOR * jitter:
                 self.cuts += 1
                 self.restart(seq)
-            else:
-                self._recent.append(d)
         self._last_mean = mean
         if self._session is None:
             self._sum += total
