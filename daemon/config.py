@@ -45,6 +45,7 @@ __all__ = [
     "OverloadConfig",
     "PriorConfig",
     "Source",
+    "StreamingConfig",
     "default_config",
     "load_config",
     "load_config_or_exit",
@@ -206,11 +207,19 @@ class DaemonConfig(_Section, frozen=True, kw_only=True):
     shm_slack_frames: Annotated[int, msgspec.Meta(ge=0)] = 8
 
 
+class StreamingConfig(_Section, frozen=True, kw_only=True):
+    stats: Literal["follow", "frozen"] = "follow"
+    stats_smoothing: Annotated[float, msgspec.Meta(ge=0.01, le=1.0)] = 0.5
+    stats_max_step: Annotated[float, msgspec.Meta(ge=0.0, le=5.0)] = 0.4
+    cut_threshold: Annotated[float, msgspec.Meta(ge=0.01, le=10.0)] = 0.4
+    preview_batch: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
+
+
 # Keys each source type may set (besides `type`); the others keep their defaults.
 SOURCE_TYPE_KEYS: dict[str, tuple[str, ...]] = {
-    "file": ("path", "loop", "realtime"),
-    "rtsp": ("url", "open_timeout_s", "stall_timeout_s", "reconnect_initial_s", "reconnect_max_s"),
-    "webrtc": (),
+    "file": ("path", "loop", "realtime", "preview"),
+    "rtsp": ("url", "open_timeout_s", "stall_timeout_s", "reconnect_initial_s", "reconnect_max_s", "preview"),
+    "webrtc": ("preview",),
 }
 
 
@@ -228,6 +237,8 @@ class Source(_Section, frozen=True, kw_only=True):
     stall_timeout_s: PosSeconds = 10.0
     reconnect_initial_s: PosSeconds = 1.0
     reconnect_max_s: PosSeconds = 30.0
+    # every type
+    preview: bool = True
 
 
 class Config(_Section, frozen=True, kw_only=True):
@@ -240,6 +251,7 @@ class Config(_Section, frozen=True, kw_only=True):
     http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
     daemon: DaemonConfig = DaemonConfig()
+    streaming: StreamingConfig = StreamingConfig()
     sources: dict[str, Source] = {}
 
     def prior_checkpoint(self) -> Path:

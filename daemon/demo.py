@@ -258,8 +258,12 @@ async def _demo(args: argparse.Namespace) -> int:
     lat = src.get("latency_s") or {}
     _say(f"frames in {src['frames_in']}, published {src['frames_out']}, skipped {src['skipped']}, "
          f"dropped {sum(src['dropped'].values())}; received over MQTT: {len(received) if broker else 'n/a'}")
+    plat = (src.get("previews") or {}).get("latency_s") or {}
+    if plat:
+        _say(f"preview latency per frame: p50 {plat['p50']:.3f} s, max {plat['max']:.3f} s "
+             f"(prior as frames arrive; {src['previews']['out']} previews on demo/sample/preview/*)")
     if lat:
-        _say(f"decode->publish latency per frame: p50 {lat['p50']:.2f} s, max {lat['max']:.2f} s "
+        _say(f"refined latency per frame: p50 {lat['p50']:.2f} s, max {lat['max']:.2f} s "
              "(window fill + CPU compute)")
     lag = summary["loop_lag"]["all"]
     if lag.get("n"):

@@ -3,7 +3,9 @@
 Frame accounting per source (the invariant the tests check at the end of a run):
 ``frames_in == frames_out + frames_skipped + frames_dropped``. ``skipped`` = left out on purpose by the
 overload policy; ``dropped`` = lost to a fault or a full buffer (ring, queue, MQTT outbox, shutdown), with
-a ``reason`` label.
+a ``reason`` label. Previews (the preview tier, docs/streaming.md) have their own counters:
+``previews_in == previews_out + previews_dropped`` (a preview is not a frame: frames are counted once, by
+their refined result).
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ class SourceCounts:
     skipped: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list, repr=False)  # last 10k end-to-end, seconds
+    previews_in: int = 0
+    previews_out: int = 0
+    previews_dropped: dict[str, int] = field(default_factory=dict)
+    preview_latencies: list[float] = field(default_factory=list, repr=False)
+    window_fps: float | None = None  # effective source frame rate of the last window (pts)
+
+    def previews_balanced(self) -> bool:
+        return self.previews_in == self.previews_out + sum(self.previews_dropped.values())
 
     @property
     def dropped_total(self) -> int:
@@ -68,6 +78,15 @@ class Metrics:
         self.device_memory = Gauge("geometryd_device_memory_bytes",
                                    "Device memory in use (Jittor on CUDA) or process max RSS on CPU",
                                    ["kind"], registry=r)
+        self.previews_out = Counter("geometryd_previews_out", "Preview-tier frames published", ["source"],
+                                    registry=r)
+        self.previews_dropped = Counter("geometryd_previews_dropped", "Preview-tier frames lost",
+                                        ["source", "reason"], registry=r)
+        self.preview_latency = Histogram("geometryd_preview_latency_seconds",
+                                         "Ingest-to-publish latency per preview frame", ["source"],
+                                         buckets=_STAGE_BUCKETS, registry=r)
+        self.window_fps = Gauge("geometryd_window_fps",
+                                "Effective source frame rate (pts) of the last window", ["source"], registry=r)
         self.counts: dict[str, SourceCounts] = {}
 
     def source(self, name: str) -> SourceCounts:
@@ -97,6 +116,28 @@ class Metrics:
             d = self.source(source).dropped
             d[reason] = d.get(reason, 0) + n
             self.frames_dropped.labels(source, reason).inc(n)
+
+    def preview_in(self, source: str, n: int = 1) -> None:
+        self.source(source).previews_in += n
+
+    def preview_out(self, source: str, latency_s: float) -> None:
+        c = self.source(source)
+        c.previews_out += 1
+        self.previews_out.labels(source).inc()
+        self.preview_latency.labels(source).observe(latency_s)
+        c.preview_latencies.append(latency_s)
+        if len(c.preview_latencies) > 10_000:
+            del c.preview_latencies[:5_000]
+
+    def preview_drop(self, source: str, reason: str, n: int = 1) -> None:
+        if n:
+            d = self.source(source).previews_dropped
+            d[reason] = d.get(reason, 0) + n
+            self.previews_dropped.labels(source, reason).inc(n)
+
+    def set_window_fps(self, source: str, fps: float) -> None:
+        self.source(source).window_fps = fps
+        self.window_fps.labels(source).set(fps)
 
     def observe_stage(self, stage: str, source: str, seconds: float) -> None:
         self.stage_seconds.labels(stage, source).observe(seconds)

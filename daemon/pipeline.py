@@ -14,16 +14,18 @@ Precision (spec 1.3): ``dtype="fp16"`` runs UNet and CLIP in fp16, keeps latents
 Streaming (:class:`StreamingSession`) deviates from the clip-global offline algorithm only where the offline
 algorithm needs the future (spec 4.9); the choices are documented in ``docs/streaming.md``:
 
-1. prior normalisation (depth scale ``s``, disparity ``lo``/``hi``) is computed on the *first* window and
-   frozen for the session;
+1. prior normalisation (depth scale ``s``, disparity ``lo``/``hi``) follows the scene per window and per
+   frame (``stats_policy="follow"``, daemon/streaming_stats.py) or is computed on the first window and
+   frozen (``"frozen"``, the 0.1.0 behaviour);
 2. the noise bank is generated and rotated exactly as offline, windows are stitched in latent space exactly
    as offline; a window's last ``overlap`` frames are held back until the next window has been blended in;
 3. decoding runs on consecutive chunks of ``decode_chunk_size`` final frames aligned to the stream start,
    exactly the offline chunking; a partial chunk waits for more final frames (or :meth:`flush`);
-4. with ``force_fixed_focal`` the focal is computed from the first decoded chunks and frozen; with
+4. with ``force_fixed_focal`` the focal is anchored per statistics segment and smoothed per decode chunk
+   (``follow``) or computed from the first decoded chunks and frozen (``frozen``); with
    ``force_projection`` alone it is per frame (exact).
-Consequently a single window (one push + flush) equals the offline output exactly when the first decode
-covers the whole window or the focal is per frame (tests/test_pipeline_streaming.py).
+Consequently, with ``frozen``, a single window (one push + flush) equals the offline output exactly when the
+first decode covers the whole window or the focal is per frame (tests/test_pipeline_streaming.py).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import numpy as np
 from daemon import resample
 from daemon.model.scheduler import EulerKarrasSchedule, load_scheduler_config, schedule_from_config
 from daemon.prior_post import PriorStats, compute_stats, prior_to_x4
+from daemon.streaming_stats import FrameNorm, PolicyParams, StreamStats, follow_focal
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ class FrameResult:
     depth: np.ndarray  # (H0, W0) float32
     mask: np.ndarray  # (H0, W0) bool
     intrinsics: tuple[float, float, float, float]
+    prior_scale: float = 1.0  # s the frame's prior was normalised with: depth * prior_scale = prior units
 
 
 @dataclass
@@ -700,7 +704,7 @@ class StreamingSession:
     window k > 0 = the last ``overlap`` frames of window k-1 followed by ``stride`` new frames, with
     ``first_frame_index`` = previous first + stride. The last window may be shorter (> overlap frames).
     A window that does not continue the previous one restarts stitching (pending frames are flushed first;
-    the frozen prior statistics and focal are kept).
+    ``follow`` statistics and focal start a new segment, ``frozen`` ones are kept).
     """
 
     def __init__(
@@ -720,6 +724,8 @@ class StreamingSession:
         noise: np.ndarray | None = None,
         nan_guard: bool = True,
         low_memory_usage: bool | None = None,
+        stats_policy: str = "follow",
+        stats_params: PolicyParams | None = None,
     ) -> None:
         _check_sizes(height, width, 2, 2, window_size, overlap)
         if low_memory_usage is not None:  # shared by every session of this model
@@ -741,8 +747,12 @@ class StreamingSession:
         if noise.shape[1] < window_size or noise.shape[2:] != (4, h, w):
             raise ValueError(f"noise shape {noise.shape} must be (1, >={window_size}, 4, {h}, {w})")
         self._noise = noise[:, :window_size].astype(gc.latent_dtype)
-        self.stats: PriorStats | None = None
-        self.focal: tuple[np.ndarray, np.ndarray] | None = None  # frozen (fx, fy) in grid units
+        self.stats: PriorStats | None = None  # of the last new frame
+        self.stats_policy = stats_policy
+        self.stats_params = stats_params or PolicyParams()
+        self._policy = StreamStats(stats_policy, self.stats_params)
+        self.focal: tuple[np.ndarray, np.ndarray] | None = None  # fixed (fx, fy) in grid units
+        self._focal_segment = -1  # segment the fixed focal belongs to (follow)
         self.timings: dict[str, float] = {}
         self.windows_done = 0
         self._out_size: tuple[int, int] | None = None
@@ -757,6 +767,7 @@ class StreamingSession:
         )
         self._latents: np.ndarray | None = None  # (1, n, 4, h, w): not yet decoded frames of the segment
         self._frame_window: list[int] = []  # window id per pending latent frame
+        self._frame_norm: list[FrameNorm] = []  # normalisation per pending latent frame
         self._base = 0  # frame index of _latents[:, 0]
         self._seg_start = 0  # frame index of the segment start (decode chunk alignment)
         self._next_first: int | None = None  # expected first_frame_index of the next window
@@ -785,6 +796,7 @@ class StreamingSession:
             log.warning("window at frame %d does not continue the stream (expected %d): restarting stitching",
                         first_frame_index, self._next_first)
             results.extend(self.flush())
+            self._policy.restart()  # follow: a new segment; frozen: kept
         first = self._latents is None and self._next_first is None
         if not first and f <= self.overlap:
             raise ValueError(f"a continuing window needs more than overlap={self.overlap} frames, got {f}")
@@ -794,12 +806,14 @@ class StreamingSession:
         t0 = time.perf_counter()
         points = np.asarray(prior_points, np.float32)
         mask = np.asarray(prior_mask, bool)
-        if self.stats is None:
-            self.stats = compute_stats(points, mask)
-            log.info("prior statistics frozen from window %d: s=%.4g lo=%.4g hi=%.4g",
-                     window_id, self.stats.scale, self.stats.lo, self.stats.hi)
         reuse = 0 if first else self.overlap
-        x4 = prior_to_x4(points[reuse:], mask[reuse:], self.size, self.stats, nan_guard=self.nan_guard)
+        segment = self._policy.segment
+        norms = self._policy.window(points, mask, reuse, first_frame_index)
+        if self.stats is None or self._policy.segment != segment:
+            log.info("prior statistics (%s) from window %d: s=%.4g lo=%.4g hi=%.4g", self.stats_policy,
+                     window_id, norms[-1].stats.scale, norms[-1].stats.lo, norms[-1].stats.hi)
+        self.stats = norms[-1].stats
+        x4 = self._prior_x4(points[reuse:], mask[reuse:], norms)
         self._time("prior", t0)
 
         t0 = time.perf_counter()
@@ -820,11 +834,13 @@ class StreamingSession:
             self._latents = res.copy()
             self._base = self._seg_start = first_frame_index
             self._frame_window = [window_id] * f
+            self._frame_norm = list(norms)
         else:
             self._latents = stitch(self._latents, res, self.overlap)
             if self.overlap:
                 self._frame_window[-self.overlap :] = [window_id] * self.overlap
             self._frame_window += [window_id] * (f - self.overlap)
+            self._frame_norm += norms
         self._time("denoise", t0)
         self.windows_done += 1
         self._next_first = first_frame_index + f - self.overlap
@@ -832,6 +848,47 @@ class StreamingSession:
         final_end = first_frame_index + f - self.overlap  # the last `overlap` frames may still change
         results.extend(self._emit(final_end, partial_ok=False))
         return results
+
+    def _prior_x4(self, points: np.ndarray, mask: np.ndarray, norms: list[FrameNorm]) -> np.ndarray:
+        """prior_to_x4 over runs of frames that share their statistics."""
+        parts, s = [], 0
+        while s < len(norms):
+            e = s + 1
+            while e < len(norms) and norms[e].stats == norms[s].stats:
+                e += 1
+            parts.append(prior_to_x4(points[s:e], mask[s:e], self.size, norms[s].stats, nan_guard=self.nan_guard))
+            s = e
+        return np.concatenate(parts)
+
+    def _fixed_focal(self, maps: DecodedMaps, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-frame (fx, fy) of the fixed focal: frozen from the first chunk, or under ``follow`` anchored per
+        segment and smoothed per decode chunk (daemon.streaming_stats.follow_focal)."""
+        if self.stats_policy == "frozen":
+            if self.focal is None:
+                self.focal = projected_focal(maps, per_frame=False)
+                log.info("focal frozen from frames %d..%d", self._base, self._base + n - 1)
+            fx, fy = self.focal
+            return np.full(n, fx, np.float32), np.full(n, fy, np.float32)
+        fxs, fys = np.empty(n, np.float32), np.empty(n, np.float32)
+        s = 0
+        while s < n:
+            seg = self._frame_norm[s].segment
+            e = min(n, s + self.decode_chunk_size)
+            e = next((i for i in range(s, e) if self._frame_norm[i].segment != seg), e)
+            sub = DecodedMaps(maps.fx[s:e], maps.fy[s:e], maps.log_depth[s:e], maps.valid[s:e])
+            cfx, cfy = projected_focal(sub, per_frame=False)
+            old = None if seg != self._focal_segment or self.focal is None else self.focal
+            if old is None:
+                log.info("fixed focal anchored on frames %d..%d (segment %d)", self._base + s, self._base + e - 1,
+                         seg)
+            ofx, ofy = (None, None) if old is None else (float(old[0]), float(old[1]))
+            nfx, nfy = follow_focal(None if old is None else (ofx, ofy), (float(cfx), float(cfy)),
+                                    self.stats_params)
+            self.focal = (np.float32(nfx), np.float32(nfy))
+            self._focal_segment = seg
+            fxs[s:e], fys[s:e] = self.focal
+            s = e
+        return fxs, fys
 
     def flush(self) -> list[FrameResult]:
         """End of stream (or of a segment): decode and return every held-back frame."""
@@ -861,11 +918,8 @@ class StreamingSession:
         maps = decode_post(a, dl, vl, (h0, w0), self.use_extract_interp)
         if self.force_projection:
             if self.force_fixed_focal:
-                if self.focal is None:
-                    self.focal = projected_focal(maps, per_frame=False)
-                    log.info("focal frozen from frames %d..%d", self._base, self._base + n_final - 1)
-                fx, fy = self.focal
-                fxs, fys = np.full(n_final, fx, np.float32), np.full(n_final, fy, np.float32)
+                fxs, fys = self._fixed_focal(maps, n_final)
+                fx, fy = (fxs[0], fys[0]) if self.stats_policy == "frozen" else (fxs, fys)
             else:
                 fx, fy = fxs, fys = projected_focal(maps, per_frame=True)
             points, depth = points_from_maps(maps, fx, fy)
@@ -881,11 +935,13 @@ class StreamingSession:
                 depth=depth[i],
                 mask=maps.valid[i],
                 intrinsics=tuple(float(v) for v in intr[i]),  # type: ignore[arg-type]
+                prior_scale=float(self._frame_norm[i].stats.scale),
             )
             for i in range(n_final)
         ]
         self._latents = self._latents[:, n_final:]
         self._frame_window = self._frame_window[n_final:]
+        self._frame_norm = self._frame_norm[n_final:]
         self._base += n_final
         self._time("post", t0)
         return results

@@ -33,6 +33,7 @@ from typing import Any
 
 from daemon import sdnotify
 from daemon.metrics import Metrics
+from daemon.stages.preview import PreviewScale, make_preview
 from daemon.stages.window import Admission, FrameMeta, Verdict, Window, WindowBuilder, ring_slots
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ class Daemon:
         from daemon.stages.geometry import GeometryWorker, ProcessorSpec, SessionParams
 
         cfg = self.cfg
-        params = SessionParams.from_config(cfg.geometry)
+        params = SessionParams.from_config(cfg.geometry, cfg.streaming)
         if self.identity_delay is not None:
             log.warning("PLUMBING-ONLY identity geometry selected: outputs are the prior, not GeometryCrafter")
             spec = ProcessorSpec("identity", params, identity_delay_s=self.identity_delay,
@@ -382,7 +383,12 @@ class Daemon:
                                     "frames_out": c.frames_out, "skipped": c.skipped,
                                     "dropped": dict(c.dropped), "balanced": c.balanced(),
                                     "windows": r.windows_done, "reconnects": r.reconnects,
-                                    "latency_s": _quantiles(c.latencies)}
+                                    "latency_s": _quantiles(c.latencies),
+                                    "previews": {"in": c.previews_in, "out": c.previews_out,
+                                                 "dropped": dict(c.previews_dropped),
+                                                 "balanced": c.previews_balanced(),
+                                                 "latency_s": _quantiles(c.preview_latencies)},
+                                    "window_fps": c.window_fps}
         out["sidecar_restarts"] = getattr(self.sidecar, "restarts", None)
         if self.mqtt is not None:
             d = getattr(self.mqtt, "dropped", None)
@@ -403,7 +409,8 @@ def _quantiles(xs: list[float]) -> dict[str, float] | None:
     if not xs:
         return None
     s = sorted(xs)
-    return {"p50": statistics.median(s), "p90": s[int(0.9 * (len(s) - 1))], "max": s[-1]}
+    return {"p50": statistics.median(s), "p90": s[int(0.9 * (len(s) - 1))],
+            "p99": s[int(0.99 * (len(s) - 1))], "max": s[-1]}
 
 
 def _close_ring(ring: Any) -> None:
@@ -438,6 +445,14 @@ class SourceRunner:
         self._feeder: asyncio.Task[None] | None = None
         self.win_q: asyncio.Queue[Window | None] = asyncio.Queue()
         self.geo_q: asyncio.Queue[Window | None] = asyncio.Queue()
+        # prior as frames arrive (small batches) and the preview tier (daemon/stages/preview.py)
+        self.prior_q: asyncio.Queue[tuple[Any, FrameMeta, int] | None] = asyncio.Queue()
+        self._prior_upto = 0  # frames (by seq) whose per-frame prior request is finished
+        self._prior_cond = asyncio.Condition()
+        self._batcher_done = False
+        self.preview_on = bool(getattr(src, "preview", False)) and (cfg.mqtt.enabled or cfg.http.enabled)
+        self.preview_scale = PreviewScale(cfg.streaming.cut_threshold)
+        self._preview_pending: set[int] = set()  # seqs whose preview was not yet handed to a sink
 
     def _make_ingest(self) -> Any:
         g = self.d.cfg.geometry
@@ -476,6 +491,7 @@ class SourceRunner:
     async def run(self) -> None:
         self._feeder = asyncio.create_task(self._feed(), name=f"feed-{self.name}")
         tasks = [self._feeder,
+                 asyncio.create_task(self._prior_batches(), name=f"prior-frames-{self.name}"),
                  asyncio.create_task(self._prior_loop(), name=f"prior-{self.name}"),
                  asyncio.create_task(self._geometry_loop(), name=f"geometry-{self.name}")]
         try:
@@ -493,6 +509,8 @@ class SourceRunner:
                 self.state = "stopped"  # cut off by the shutdown grace
             # admitted frames without a result: cut off by shutdown (grace exceeded) or by a failure
             self._account_lost("shutdown" if self.d.stop_event.is_set() else "lost")
+            self.d.metrics.preview_drop(self.name, "shutdown", len(self._preview_pending))
+            self._preview_pending.clear()
 
     def _account_lost(self, reason: str) -> None:
         if self.inflight:
@@ -518,8 +536,8 @@ class SourceRunner:
                 self.last_frame_t = time.monotonic()
                 completes = self.builder.needed == 1
                 if live:
-                    self.admission.note_arrival(fr.t_ingest)
-                    verdict = self.admission.decide(completes, self.waiting)
+                    self.admission.note_arrival(fr.t_ingest, fr.pts)
+                    verdict = self.admission.decide(completes, self.waiting, fr.pts)
                     if verdict is not Verdict.ADMIT:
                         unplaced = False
                         if verdict is Verdict.SKIP:
@@ -544,6 +562,10 @@ class SourceRunner:
                 meta = FrameMeta(self._seq, idx, fr.pts, fr.t_ingest)
                 self._seq += 1
                 self.inflight[meta.seq] = meta
+                if self.preview_on:
+                    m.preview_in(self.name)
+                    self._preview_pending.add(meta.seq)
+                self.prior_q.put_nowait((ref, meta, self.builder.filling_id))
                 win = self.builder.add(ref, meta)
                 if win is not None:
                     self._emit(win)
@@ -558,6 +580,7 @@ class SourceRunner:
         final = self.builder.finish()
         if final is not None:
             self._emit(final)
+        self.prior_q.put_nowait(_END)
         await self.win_q.put(_END)
 
     async def _wait_for_space(self) -> None:
@@ -565,13 +588,102 @@ class SourceRunner:
             await self._space.wait_for(lambda: self.waiting < self.admission.bound)
 
     def _emit(self, win: Window) -> None:
+        fps = win.fps
+        for meta in win.new_metas:
+            meta.window_fps = fps
+        if fps:
+            self.d.metrics.set_window_fps(self.name, fps)
         self.waiting += 1
         self.win_q.put_nowait(win)
 
     # ---- prior -----------------------------------------------------------------------------------------
+    async def _prior_batches(self) -> None:
+        """The prior of each admitted frame as it arrives, in batches of at most ``streaming.preview_batch``
+        (what is queued, never waiting for more), then its preview. A failed batch is retried by the window's
+        prior request (_prior_loop) and its previews are dropped (counted)."""
+        batch_max = self.d.cfg.streaming.preview_batch
+        try:
+            end = False
+            while not end:
+                item = await self.prior_q.get()
+                if item is _END:
+                    break
+                batch = [item]
+                while len(batch) < batch_max and not self.prior_q.empty():
+                    nxt = self.prior_q.get_nowait()
+                    if nxt is _END:
+                        end = True
+                        break
+                    batch.append(nxt)
+                need = [r for r, _, _ in batch if not self.ring.has_prior(r)]
+                ok = True
+                try:
+                    if need:
+                        await self.d.sidecar.compute(self.ring, need)
+                except Exception as exc:  # the window's own prior request retries these frames
+                    ok = False
+                    log.warning("prior of arriving frames failed", extra={"source": self.name,
+                                                                         "error": str(exc)})
+                # copy the priors out before the window may go on (and release its slots)
+                copies = [self._copy_prior(ref, meta) if ok and self.preview_on else None
+                          for ref, meta, _ in batch]
+                self._prior_upto = batch[-1][1].seq + 1
+                async with self._prior_cond:
+                    self._prior_cond.notify_all()
+                if self.preview_on:
+                    for (_, meta, wid), prior in zip(batch, copies):
+                        if prior is not None:
+                            await self._preview(prior, meta, wid)
+                        elif meta.seq in self._preview_pending:
+                            self._preview_pending.discard(meta.seq)
+                            self.d.metrics.preview_drop(self.name, "prior_error" if not ok else "stale_slot")
+        finally:
+            self._batcher_done = True
+            async with self._prior_cond:
+                self._prior_cond.notify_all()
+
+    def _copy_prior(self, ref: Any, meta: FrameMeta) -> tuple[Any, Any] | None:
+        try:
+            points = self.ring.prior_points(ref).copy()
+            mask = self.ring.prior_mask(ref).copy()
+            self.ring.verify(ref)
+        except Exception as exc:  # the slot was reused (cannot happen while its window waits for it)
+            log.warning("preview lost", extra={"source": self.name, "seq": meta.seq, "error": str(exc)})
+            return None
+        return points, mask
+
+    async def _preview(self, prior: tuple[Any, Any], meta: FrameMeta, window_id: int) -> None:
+        m = self.d.metrics
+        points, mask = prior
+        self.preview_scale.observe_prior(meta.seq, points[..., 2], mask)
+        res = await asyncio.to_thread(make_preview, points, mask, self.preview_scale.scale, meta.frame_index,
+                                      window_id)
+        if self.d.hub is not None:
+            self.d.hub.push(self.name, res, meta.pts, time.monotonic() - meta.t_ingest, tier="preview")
+        if self.d.mqtt is None:
+            self._preview_pending.discard(meta.seq)
+            m.preview_out(self.name, time.monotonic() - meta.t_ingest)
+            return
+
+        self._preview_pending.discard(meta.seq)  # handed to the publisher: its outcome counts it
+
+        def done(ok: bool, reason: str) -> None:
+            if ok:
+                m.preview_out(self.name, time.monotonic() - meta.t_ingest)
+            else:
+                m.preview_drop(self.name, f"mqtt_{reason}")
+
+        await self.d.mqtt.publish_preview(self.name, res, meta.pts, on_done=done)
+
+    async def _wait_frame_priors(self, win: Window) -> None:
+        last = win.metas[-1].seq
+        async with self._prior_cond:
+            await self._prior_cond.wait_for(lambda: self._prior_upto > last or self._batcher_done)
+
     async def _prior_loop(self) -> None:
         m = self.d.metrics
         while (win := await self.win_q.get()) is not _END:
+            await self._wait_frame_priors(win)
             need = [r for r in win.refs if not self.ring.has_prior(r)]
             t0 = time.monotonic()
             try:
@@ -647,9 +759,10 @@ class SourceRunner:
                 log.debug("result for an already accounted frame", extra={"source": self.name,
                                                                          "seq": res.frame_index})
                 continue
+            self.preview_scale.observe_refined(meta.seq, float(getattr(res, "prior_scale", 1.0)))
             res = dataclasses.replace(res, frame_index=meta.frame_index)
             if self.d.hub is not None:  # live viewer (keeps a reference; encodes only while watched)
-                self.d.hub.push(self.name, res, meta.pts, time.monotonic() - meta.t_ingest)
+                self.d.hub.push(self.name, res, meta.pts, time.monotonic() - meta.t_ingest, tier="refined")
             if self.d.files is not None:
                 try:
                     await asyncio.to_thread(self.d.files.write_frame, self.name, res, meta.pts)
@@ -671,7 +784,8 @@ class SourceRunner:
                 m.drop(self.name, f"mqtt_{reason}")
 
         if batch:
+            extra = [{"window_fps": f"{metas[r.frame_index].window_fps:.4f}"} for r in batch]
             await self.d.mqtt.publish_frames(self.name, batch, [metas[r.frame_index].pts for r in batch],
-                                             on_done=done)
+                                             on_done=done, extra=extra)
         if results:
             m.observe_stage("publish", self.name, time.monotonic() - t0)

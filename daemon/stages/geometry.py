@@ -56,11 +56,18 @@ class SessionParams:
     force_fixed_focal: bool = True
     use_extract_interp: bool = False
     seed: int = 42
+    stats_policy: str = "follow"  # streaming.stats and its parameters (daemon/streaming_stats.py)
+    stats_smoothing: float = 0.5
+    stats_max_step: float = 0.4
+    cut_threshold: float = 0.4
 
     @classmethod
-    def from_config(cls, g: Any) -> "SessionParams":
+    def from_config(cls, g: Any, streaming: Any = None) -> "SessionParams":
+        st = {} if streaming is None else {
+            "stats_policy": streaming.stats, "stats_smoothing": streaming.stats_smoothing,
+            "stats_max_step": streaming.stats_max_step, "cut_threshold": streaming.cut_threshold}
         return cls(g.height, g.width, g.window_size, g.overlap, g.steps, g.decode_chunk_size,
-                   g.force_projection, g.force_fixed_focal, g.use_extract_interp, g.seed)
+                   g.force_projection, g.force_fixed_focal, g.use_extract_interp, g.seed, **st)
 
 
 class PipelineGeometry:
@@ -78,13 +85,15 @@ class PipelineGeometry:
 
     def new_session(self) -> Session:
         from daemon.pipeline import StreamingSession
+        from daemon.streaming_stats import PolicyParams
 
         p = self.params
         return StreamingSession(
             self.gc, height=p.height, width=p.width, window_size=p.window_size, overlap=p.overlap,
             num_inference_steps=p.num_inference_steps, decode_chunk_size=p.decode_chunk_size,
             force_projection=p.force_projection, force_fixed_focal=p.force_fixed_focal,
-            use_extract_interp=p.use_extract_interp, seed=p.seed,
+            use_extract_interp=p.use_extract_interp, seed=p.seed, stats_policy=p.stats_policy,
+            stats_params=PolicyParams(p.stats_smoothing, p.stats_max_step, p.cut_threshold),
         )
 
 

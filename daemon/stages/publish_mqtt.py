@@ -349,9 +349,23 @@ class MqttPublisher:
                  "frame_index": int(result.frame_index), "window_id": int(result.window_id)},
             )
 
+    async def publish_preview(
+        self, source: str, result: FrameResultLike, pts: float,
+        on_done: Callable[[bool, str], None] | None = None, extra: dict[str, str] | None = None,
+    ) -> None:
+        """The preview tier: like ``publish_frame`` on ``<source>/preview/depth`` (+ ``/preview/points``) with
+        ``tier=preview``; retained intrinsics are left to the refined tier."""
+        if self._outbox is None:
+            raise PublishError("MqttPublisher used outside 'async with'")
+        messages = await asyncio.to_thread(self._encode_frame, source, result, pts, "preview", extra)
+        _attach_outcome(messages, on_done)
+        for msg in messages:
+            self._offer(msg)
+
     async def publish_frames(
         self, source: str, results: list[FrameResultLike], pts: list[float],
         on_done: Callable[[FrameResultLike, bool, str], None] | None = None,
+        extra: list[dict[str, str]] | None = None,
     ) -> None:
         """``publish_frame`` for a batch (e.g. the final frames of one window): frames are encoded in parallel
         worker threads (zlib and numpy release the GIL) and enqueued in order. A batch of more than
@@ -363,11 +377,12 @@ class MqttPublisher:
             raise PublishError(f"{len(results)} results but {len(pts)} pts")
         limit = asyncio.Semaphore(max(1, min(8, (os.cpu_count() or 2) - 1)))
 
-        async def encode(result: FrameResultLike, t: float) -> list[_Message]:
+        async def encode(result: FrameResultLike, t: float, more: dict[str, str] | None) -> list[_Message]:
             async with limit:
-                return await asyncio.to_thread(self._encode_frame, source, result, t)
+                return await asyncio.to_thread(self._encode_frame, source, result, t, "refined", more)
 
-        encoded = await asyncio.gather(*(encode(r, t) for r, t in zip(results, pts)))
+        extras = extra if extra is not None else [None] * len(results)
+        encoded = await asyncio.gather(*(encode(r, t, x) for r, t, x in zip(results, pts, extras)))
         for result, messages in zip(results, encoded):
             if on_done is not None:
                 _attach_outcome(messages, functools.partial(on_done, result))
@@ -389,7 +404,8 @@ class MqttPublisher:
     def topic(self, source: str, kind: str) -> str:
         return f"{self.prefix}/{source}/{kind}"
 
-    def _encode_frame(self, source: str, result: FrameResultLike, pts: float) -> list[_Message]:
+    def _encode_frame(self, source: str, result: FrameResultLike, pts: float, tier: str = "refined",
+                      extra: dict[str, str] | None = None) -> list[_Message]:
         cfg = self.cfg
         parts = "depth,points" if cfg.publish_points else "depth"
         created = repr(time.time())
@@ -407,8 +423,11 @@ class MqttPublisher:
                 content_type = encoding.CONTENT_TYPES[cfg.points_encoding]
             user = encoding.frame_properties(source, result.frame_index, pts, result.window_id, kind)
             user.update(props)
-            user.update(frame_parts=parts, intrinsics=intr, created_at=created)
-            out.append(self._message(source, kind, payload, user, content_type, int(cfg.qos), retain=False))
+            user.update(frame_parts=parts, intrinsics=intr, created_at=created, tier=tier,
+                        prior_scale=repr(float(getattr(result, "prior_scale", 1.0))))
+            user.update(extra or {})
+            topic_kind = f"preview/{kind}" if tier == "preview" else kind
+            out.append(self._message(source, topic_kind, payload, user, content_type, int(cfg.qos), retain=False))
         return out
 
     def _message(

@@ -9,8 +9,10 @@ Overload (architecture.md "Streaming semantics"): at most ``bound`` complete win
 geometry stage (``skip``: 1, so the prior of window N+1 overlaps geometry of window N; ``queue``:
 ``max_queued_windows``). For a live source a frame that would complete a window beyond that bound is not
 admitted (``skip`` counts it skipped, ``queue`` counts it dropped). ``skip`` additionally thins frames
-evenly before they enter a window, keeping the fraction ``capacity_fps / input_fps`` measured online, so
-the frames that survive are spread out instead of arriving in bursts. The ring therefore needs at most
+before they enter a window, keeping the fraction ``capacity_fps / input_fps`` measured online, evenly
+spaced in SOURCE time: an admitted frame sets the next admission time ``pts + 1 / (keep * source_fps)``
+(``source_fps`` from pts deltas), so a source with jittery arrival or a variable frame rate still gives
+windows of evenly spaced frames. Each window's effective frame rate (``window_fps``) is recorded. The ring therefore needs at most
 ``window_size + (bound + 1) * stride`` slots (:func:`ring_slots`).
 """
 
@@ -27,6 +29,7 @@ class FrameMeta:
     frame_index: int  # the source's own frame number (published)
     pts: float
     t_ingest: float
+    window_fps: float = 0.0  # effective source frame rate of the window this frame entered as new (pts)
 
 
 @dataclass
@@ -50,6 +53,12 @@ class Window:
     @property
     def first_seq(self) -> int:
         return self.metas[0].seq
+
+    @property
+    def fps(self) -> float:
+        """Effective source frame rate of the window: frames per second of pts (0 when unknown)."""
+        span = self.metas[-1].pts - self.metas[0].pts
+        return (len(self.metas) - 1) / span if len(self.metas) > 1 and span > 0 else 0.0
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -76,6 +85,11 @@ class WindowBuilder:
         """New frames still missing before the window being filled is complete."""
         target = self.window_size if self._next_id == 0 else self.stride
         return target - len(self._new)
+
+    @property
+    def filling_id(self) -> int:
+        """Id of the window the next added frame enters as a new frame."""
+        return self._next_id
 
     @property
     def held(self) -> int:
@@ -149,17 +163,24 @@ class Admission:
     alpha: float = 0.2  # EMA weight of the rate estimates
     input_fps: float | None = None
     capacity_fps: float | None = None
+    source_fps: float | None = None  # from pts deltas
     _credit: float = 1.0
     _last_arrival: float | None = field(default=None, repr=False)
+    _last_pts: float | None = field(default=None, repr=False)
+    _next_pts: float | None = field(default=None, repr=False)
 
     @property
     def bound(self) -> int:
         return 1 if self.policy == "skip" else max(1, self.max_queued_windows)
 
-    def note_arrival(self, t: float) -> None:
+    def note_arrival(self, t: float, pts: float | None = None) -> None:
         if self._last_arrival is not None and t > self._last_arrival:
             self.input_fps = self._ema(self.input_fps, 1.0 / (t - self._last_arrival))
         self._last_arrival = t
+        if pts is not None:
+            if self._last_pts is not None and pts > self._last_pts:
+                self.source_fps = self._ema(self.source_fps, 1.0 / (pts - self._last_pts))
+            self._last_pts = pts
 
     def note_window(self, n_new: int, seconds: float, window_id: int = 1) -> None:
         """Geometry (+prior) finished a window with n_new new frames in ``seconds`` of compute."""
@@ -173,14 +194,28 @@ class Admission:
             return 1.0
         return min(1.0, self.capacity_fps / self.input_fps)
 
-    def decide(self, completes_window: bool, waiting_windows: int) -> Verdict:
+    def decide(self, completes_window: bool, waiting_windows: int, pts: float | None = None) -> Verdict:
         if completes_window and waiting_windows >= self.bound:
             return Verdict.SKIP if self.policy == "skip" else Verdict.DROP
+        if self.policy == "skip" and pts is not None and self.source_fps:
+            return self._decide_by_pts(pts, self.source_fps)
         if self.policy == "skip":
             self._credit = min(1.0, self._credit + self.keep_fraction())
             if self._credit < 1.0 - 1e-9:
                 return Verdict.SKIP
             self._credit -= 1.0
+        return Verdict.ADMIT
+
+    def _decide_by_pts(self, pts: float, source_fps: float) -> Verdict:
+        keep = self.keep_fraction()
+        if keep >= 1.0:
+            self._next_pts = None
+            return Verdict.ADMIT
+        step = 1.0 / (keep * source_fps)  # source seconds between admitted frames
+        if self._next_pts is not None and pts < self._next_pts - 0.5 / source_fps:
+            return Verdict.SKIP
+        on_grid = self._next_pts is not None and pts - self._next_pts <= step
+        self._next_pts = (self._next_pts + step) if on_grid else pts + step  # type: ignore[operator]
         return Verdict.ADMIT
 
     def _ema(self, old: float | None, new: float) -> float:

@@ -38,11 +38,14 @@ class _Latest:
     latency_s: float | None = None
     t_push: float = 0.0
     seq: int = 0
+    tier: str = "refined"
 
 
 @dataclass
 class _Channel:
     latest: _Latest = field(default_factory=_Latest)
+    latest_refined: _Latest | None = None  # kept apart so previews never conflate a refined frame away
+    sent_refined: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     subscribers: set[asyncio.Queue[bytes]] = field(default_factory=set)
     encoder: asyncio.Task[None] | None = None
@@ -86,7 +89,7 @@ def encode_message(source: str, latest: _Latest, max_points: int = MAX_POINTS) -
     header = {"source": source, "frame_index": int(res.frame_index), "window_id": int(res.window_id),
               "pts": float(latest.pts), "width": int(w), "height": int(h),
               "latency_ms": None if latest.latency_s is None else round(1e3 * latest.latency_s, 1),
-              "intrinsics": [float(v) for v in res.intrinsics], "stride": stride}
+              "intrinsics": [float(v) for v in res.intrinsics], "stride": stride, "tier": latest.tier}
     jpeg_b = jpeg.tobytes()
     xyz_off = (len(jpeg_b) + 3) & ~3
     header.update(jpeg=[0, len(jpeg_b)], xyz=[xyz_off, len(xyz)], rgb=[xyz_off + xyz.nbytes, len(colors)])
@@ -110,11 +113,15 @@ class ResultsHub:
             ch = self._channels[source] = _Channel()
         return ch
 
-    def push(self, source: str, result: Any, pts: float = 0.0, latency_s: float | None = None) -> None:
-        """Record a published frame's result (cheap; called on the event loop for every frame)."""
+    def push(self, source: str, result: Any, pts: float = 0.0, latency_s: float | None = None,
+             tier: str = "refined") -> None:
+        """Record a published frame's result (cheap; called on the event loop for every frame). ``tier``:
+        "preview" or "refined"; the newest of each tier is sent (the page decides what it shows)."""
         ch = self._channel(source)
         seq = ch.latest.seq + 1
-        ch.latest = _Latest(result, pts, latency_s, time.monotonic(), seq)
+        ch.latest = _Latest(result, pts, latency_s, time.monotonic(), seq, tier)
+        if tier == "refined":
+            ch.latest_refined = ch.latest
         if ch.subscribers:
             ch.wake.set()
 
@@ -142,17 +149,24 @@ class ResultsHub:
             latest = ch.latest
             if latest.result is None or not ch.subscribers:
                 continue
-            try:
-                msg = await asyncio.to_thread(encode_message, source, latest, self.max_points)
-            except Exception:
-                log.exception("viewer encoding failed", extra={"source": source})
-                continue
-            ch.encoded += 1
-            for q in list(ch.subscribers):
-                if q.full():
-                    with contextlib.suppress(asyncio.QueueEmpty):
-                        q.get_nowait()
-                q.put_nowait(msg)
+            todo = [latest]
+            ref = ch.latest_refined
+            if ref is not None and ref is not latest and ref.seq > ch.sent_refined:
+                todo.insert(0, ref)  # a refined frame overtaken by newer previews still goes out
+            for item in todo:
+                try:
+                    msg = await asyncio.to_thread(encode_message, source, item, self.max_points)
+                except Exception:
+                    log.exception("viewer encoding failed", extra={"source": source})
+                    continue
+                if item.tier == "refined":
+                    ch.sent_refined = item.seq
+                ch.encoded += 1
+                for q in list(ch.subscribers):
+                    if q.full():
+                        with contextlib.suppress(asyncio.QueueEmpty):
+                            q.get_nowait()
+                    q.put_nowait(msg)
 
     async def close(self) -> None:
         for ch in self._channels.values():

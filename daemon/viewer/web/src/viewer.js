@@ -12,7 +12,11 @@ const overlay = document.getElementById("overlay");
 const depthCanvas = document.getElementById("depth");
 const depthCtx = depthCanvas.getContext("2d");
 const rate = new RateMeter();
-window.viewerStats = { frames: 0, lastFrameIndex: -1, fps: 0, latencyMs: null, points: 0, webgl: false };
+window.viewerStats = { frames: 0, lastFrameIndex: -1, fps: 0, latencyMs: null, points: 0, webgl: false,
+  tier: null, previews: 0, refined: 0, lastRefinedIndex: -1 };
+// What is on screen: the newest frame; a refined frame replaces the preview of the same (or an older
+// shown) frame index, a preview never replaces a refined frame of the same index.
+let shown = { index: -1, tier: null };
 
 // ---- point cloud --------------------------------------------------------------------------------------
 const cloud = makeCloud(document.getElementById("cloud"));
@@ -88,6 +92,13 @@ function connect() {
   ws.onmessage = async (ev) => {
     const msg = decodeMessage(ev.data);
     const h = msg.header;
+    const tier = h.tier || "refined";
+    const s = window.viewerStats;
+    if (tier === "refined") { s.refined += 1; s.lastRefinedIndex = h.frame_index; } else { s.previews += 1; }
+    const newer = h.frame_index > shown.index;
+    const swap = h.frame_index === shown.index && tier === "refined" && shown.tier !== "refined";
+    if (!newer && !swap) return;
+    shown = { index: h.frame_index, tier };
     const bitmap = await createImageBitmap(msg.jpeg);
     if (depthCanvas.width !== h.width || depthCanvas.height !== h.height) {
       depthCanvas.width = h.width;
@@ -97,13 +108,13 @@ function connect() {
     bitmap.close();
     if (cloud) cloud.update(msg.xyz, msg.rgb);
     rate.tick();
-    const s = window.viewerStats;
+    s.tier = tier;
     s.frames += 1; s.lastFrameIndex = h.frame_index; s.fps = rate.fps; s.latencyMs = h.latency_ms;
     s.points = msg.xyz.length / 3;
     const lat = h.latency_ms == null ? "n/a" : `${h.latency_ms.toFixed(0)} ms`;
     overlay.textContent =
-      `${s.fps.toFixed(1)} fps   latency ${lat}\nframe ${h.frame_index}  window ${h.window_id}  ` +
-      `${h.width}x${h.height}  ${s.points} pts`;
+      `${s.fps.toFixed(1)} fps   latency ${lat}   ${tier}\nframe ${h.frame_index}  window ${h.window_id}  ` +
+      `${h.width}x${h.height}  ${s.points} pts   refined up to ${s.lastRefinedIndex}`;
   };
 }
 connect();
