@@ -147,6 +147,11 @@ class Daemon:
                 await self._until_stopped(self._startup(stack))
                 rc = await self._serve()
                 await self._final_status()
+            # after the exit stack: the publishers have resolved (delivered or dropped) every frame
+            lost = self._sources_with_nothing_delivered()
+            if lost and rc == 0:
+                log.error("every frame was dropped: nothing reached any sink", extra={"sources": ",".join(lost)})
+                rc = 1
         except _StoppedDuringStartup:
             log.info("stopped during startup")
             self.aborted_startup = True
@@ -313,10 +318,6 @@ class Daemon:
                 await asyncio.wait(late)
         failed = [n for n, r in self.runners.items() if r.state == "failed"]
         if self.failed or (self.exit_when_done and any(n in failed for n in file_sources)):
-            return 1
-        lost = self._sources_with_nothing_delivered()
-        if lost:
-            log.error("every frame was dropped: nothing reached any sink", extra={"sources": ",".join(lost)})
             return 1
         return 0
 
