@@ -51,7 +51,7 @@ class GuardedHandler(web.RequestHandler):
         manager = self._manager
         if manager is not None and len(manager.connections) > self.limits.max_connections:
             self.stats.refused += 1
-            log.debug("http: connection cap reached (%d): closing a new connection", self.limits.max_connections)
+            log.debug("http: connection cap reached (%d): closing a new one", self.limits.max_connections)
             self.force_close()
             transport.close()
 
@@ -69,7 +69,7 @@ class GuardedHandler(web.RequestHandler):
         self._header_deadline = None
         if not self._request_in_progress and not self._messages:
             self.stats.header_timeouts += 1
-            log.debug("http: request headers not complete after %.1f s: closing", self.limits.header_timeout_s)
+            log.debug("http: headers not complete after %.1f s: closing", self.limits.header_timeout_s)
             self.force_close()
             if self.transport is not None:
                 self.transport.close()

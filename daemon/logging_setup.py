@@ -19,7 +19,8 @@ _NOISY = ("aiomqtt", "aiohttp.access", "asyncio", "PIL", "libav", "jittor", "url
 
 
 def _extras(record: logging.LogRecord) -> dict[str, object]:
-    return {k: redact_value(k, v) for k, v in vars(record).items() if k not in _STD_ATTRS and not k.startswith("_")}
+    return {k: redact_value(k, v) for k, v in vars(record).items()
+            if k not in _STD_ATTRS and not k.startswith("_")}
 
 
 class TextFormatter(logging.Formatter):

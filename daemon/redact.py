@@ -35,7 +35,7 @@ _PW_RE = re.compile(r"(^|_)pw(_|$|d)")
 
 
 def scrub(text: str) -> str:
-    """``text`` with every ``user:pass@`` credential (with or without a URL scheme) replaced by ``***:***@``."""
+    """``text`` with every ``user:pass@`` credential (with or without a scheme) replaced by ``***:***@``."""
     if "@" not in text:
         return text
     text = _SCHEME_CRED.sub(r"\g<scheme>***:***@", text)

@@ -150,7 +150,8 @@ class Daemon:
             # after the exit stack: the publishers have resolved (delivered or dropped) every frame
             lost = self._sources_with_nothing_delivered()
             if lost and rc == 0:
-                log.error("every frame was dropped: nothing reached any sink", extra={"sources": ",".join(lost)})
+                log.error("every frame was dropped: nothing reached any sink",
+                          extra={"sources": ",".join(lost)})
                 rc = 1
         except _StoppedDuringStartup:
             log.info("stopped during startup")
@@ -197,7 +198,8 @@ class Daemon:
             stack.push_async_callback(self.hub.close)
             from daemon.http_guard import ConnectionLimits
 
-            limits = ConnectionLimits(cfg.http.header_timeout_s, cfg.http.idle_timeout_s, cfg.http.max_connections)
+            h = cfg.http
+            limits = ConnectionLimits(h.header_timeout_s, h.idle_timeout_s, h.max_connections)
             http = HttpServer(cfg.http.bind, cfg.http.port, self.metrics.render, self.health, cfg.http.token,
                               web_setup, limits)
             await stack.enter_async_context(http)
@@ -403,7 +405,8 @@ class Daemon:
         worker_up = self.worker is not None and self.worker.alive
         degraded = self.degraded_reasons(sidecar_up, worker_up)
         ok = self.state == "ready" and not degraded
-        return {"ok": ok, "state": self.state, "degraded": degraded, "sources": sources, "sidecar_up": sidecar_up,
+        return {"ok": ok, "state": self.state, "degraded": degraded, "sources": sources,
+                "sidecar_up": sidecar_up,
                 "geometry_worker_up": worker_up,
                 "mqtt_connected": mqtt_connected,
                 "loop_lag_ms": round(1e3 * self.lag.samples[-1], 3) if self.lag.samples else None}

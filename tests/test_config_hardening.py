@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from daemon.config import ConfigError, load_config
-from daemon.redact import is_secret_key, scrub
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,6 +115,8 @@ def test_misspelled_secret_key_value_never_shown(tmp_path: Path, key: str) -> No
         load_config(_write(tmp_path, f'[geometry]\n{key} = "hunter2-s3cret"\n'))
     msg = str(exc.value)
     assert f"geometry.{key} = " in msg and "hunter2" not in msg, msg
+    from daemon.redact import is_secret_key
+
     assert is_secret_key(key)
 
 
@@ -123,6 +124,7 @@ def test_known_keys_are_not_secret() -> None:
     import msgspec
 
     from daemon.config import Source, default_config
+    from daemon.redact import is_secret_key
 
     keys = set(Source.__struct_fields__)
     for table in msgspec.to_builtins(default_config()).values():
@@ -140,6 +142,7 @@ def test_credentials_without_rtsp_scheme_scrubbed_in_config_errors(tmp_path: Pat
 
 def test_one_scrub_function() -> None:
     from daemon import config
+    from daemon.redact import scrub
     from daemon.stages import ingest_rtsp
 
     assert config.scrub_url is scrub and ingest_rtsp.scrub_url is scrub

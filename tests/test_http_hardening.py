@@ -13,11 +13,14 @@ import aiohttp
 import pytest
 
 from daemon.http import HttpServer
-from daemon.http_guard import ConnectionLimits
 from daemon.metrics import Metrics
 
 
 def _server(token: str = "", **limits: float) -> HttpServer:
+    if not limits:  # the defaults
+        return HttpServer("127.0.0.1", 0, Metrics().render, lambda: {"ok": True}, token)
+    from daemon.http_guard import ConnectionLimits
+
     return HttpServer("127.0.0.1", 0, Metrics().render, lambda: {"ok": True}, token,
                       limits=ConnectionLimits(**limits))
 
@@ -75,7 +78,8 @@ def test_idle_connections_are_closed() -> None:
             await writer.drain()
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             assert head.startswith(b"HTTP/1.1 200")
-            length = int(next(ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")))
+            length = next(int(ln.split(b":")[1]) for ln in head.split(b"\r\n")
+                          if ln.lower().startswith(b"content-length"))
             await reader.readexactly(length)
             t0 = time.monotonic()
             closed = await asyncio.gather(*(_closed_by_server(r, 5.0) for r, _ in [*silent, (reader, writer)]))
