@@ -27,10 +27,12 @@ import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import msgspec
 import msgspec.inspect as mi
+
+from daemon.redact import redact_value, scrub
 
 __all__ = [
     "Config",
@@ -50,13 +52,13 @@ __all__ = [
     "load_config",
     "load_config_or_exit",
     "parse_config",
+    "check_runnable",
     "register",
     "scrub_url",
     "to_toml",
 ]
 
 SOURCE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
-SECRET_KEYS = frozenset({"password", "token"})
 ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "GEOMETRYD_MQTT_PASSWORD": ("mqtt", "password"),
     "GEOMETRYD_HTTP_TOKEN": ("http", "token"),
@@ -70,7 +72,8 @@ MAX_TIMEOUT_S = 86400.0
 MIN_SECONDS = 0.001
 PosSeconds = Annotated[float, msgspec.Meta(ge=MIN_SECONDS, le=MAX_TIMEOUT_S)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
-Multiple64 = Annotated[int, msgspec.Meta(ge=64, multiple_of=64)]
+MAX_SIZE = 2048  # 2048x2048 is ~17x the pixels of the 384x640 default (~22 GB GPU memory): far beyond any GPU
+Multiple64 = Annotated[int, msgspec.Meta(ge=64, le=MAX_SIZE, multiple_of=64)]
 
 
 class ConfigError(ValueError):
@@ -78,35 +81,14 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, value: str, allowed: str) -> None:
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"config error: {key} = {value}: {allowed}")
+        super().__init__(scrub(f"config error: {key} = {value}: {allowed}"))
 
 
-def scrub_url(url: str) -> str:
-    """Replace the password (and user) of ``scheme://user:pass@host/...`` with ``***`` for logs."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    netloc = f"***:***@{host}" + (f":{port}" if port is not None else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+scrub_url = scrub  # the one scrubber (daemon/redact.py); the old name stays for callers
 
 
 def _scrub_value(key: str, value: Any) -> Any:
-    leaf = key.rsplit(".", 1)[-1]
-    if leaf in SECRET_KEYS and value:
-        return "***"
-    if isinstance(value, str) and "://" in value:
-        return scrub_url(value)
-    return value
+    return redact_value(key, value)
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -194,6 +176,9 @@ class HttpConfig(_Section, frozen=True, kw_only=True):
     bind: Annotated[str, msgspec.Meta(min_length=1)] = "127.0.0.1"
     port: Port = 9410
     token: str = ""
+    header_timeout_s: PosSeconds = 10.0
+    idle_timeout_s: PosSeconds = 30.0
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 256
 
 
 class LoggingConfig(_Section, frozen=True, kw_only=True):
@@ -350,10 +335,14 @@ def parse_config(raw: dict[str, Any], base_dir: Path) -> Config:
     return cfg
 
 
-def load_config_or_exit(path: str | os.PathLike[str]) -> Config:
-    """`load_config` for commands: on error print the one line to stderr and exit with status 2."""
+def load_config_or_exit(path: str | os.PathLike[str], *, runnable: bool = False) -> Config:
+    """`load_config` for commands: on error print the one line to stderr and exit with status 2.
+    ``runnable``: also `check_runnable` (model folder, checkpoint, source files exist)."""
     try:
-        return load_config(path)
+        cfg = load_config(path)
+        if runnable:
+            check_runnable(cfg)
+        return cfg
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None
@@ -441,7 +430,7 @@ def _describe(info: Any) -> str:
         return "true or false"
     if isinstance(info, mi.IntType):
         if info.multiple_of:
-            return f"a positive multiple of {info.multiple_of}"
+            return f"a multiple of {info.multiple_of} in {info.ge}..{info.le}"
         return "an integer" + _bounds(info)
     if isinstance(info, mi.FloatType):
         return "a number" + _bounds(info)
@@ -549,6 +538,9 @@ def _check(cfg: Config) -> None:
     if m.password and not m.username:
         raise ConfigError("mqtt.username", '""', "a username is required when mqtt.password is set")
     h = cfg.http
+    if h.token and (not h.token.strip() or any(c.isspace() or not c.isprintable() for c in h.token)):
+        raise ConfigError("http.token", '"***"', "a token of visible characters (no blanks, spaces or "
+                          'control characters), or "" for no auth')
     if h.enabled and not _is_loopback(h.bind) and not h.token:
         allowed = "a non-loopback bind needs http.token (or bind 127.0.0.1)"
         raise ConfigError("http.bind", _fmt(h.bind), allowed)
@@ -570,6 +562,23 @@ def _check(cfg: Config) -> None:
             raise ConfigError("http.enabled", "false", allowed)
 
 
+def check_runnable(cfg: Config) -> None:
+    """What `run` needs on disk beyond a valid file: the model folder, the MoGe checkpoint and every file
+    source's video (raises ConfigError; `check-config` and `run` call it, `load_config` does not, so that a
+    config can be validated and written on a machine without the weights)."""
+    if not os.path.isdir(cfg.model.dir):
+        raise ConfigError("model.dir", _fmt(cfg.model.dir), "no such folder (fill it with `geometryd weights "
+                          "pull --to DIR` or `geometryd weights make-tiny DIR`)")
+    ckpt = cfg.prior_checkpoint()
+    if not ckpt.is_file():
+        key = "prior.checkpoint" if cfg.prior.checkpoint else "model.dir"
+        raise ConfigError(key, _fmt(str(ckpt) if cfg.prior.checkpoint else cfg.model.dir),
+                          f"no MoGe checkpoint at {ckpt}")
+    for name, src in cfg.sources.items():
+        if src.type == "file" and not os.path.isfile(src.path):
+            raise ConfigError(f"sources.{name}.path", _fmt(src.path), "no such file (a video file)")
+
+
 # --------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -585,11 +594,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--print", action="store_true", help="also print the effective config (secrets hidden) as JSON"
     )
+    parser.add_argument(
+        "--syntax-only", action="store_true",
+        help="skip the checks that need the files on this machine (model folder, checkpoint, source files)",
+    )
     parser.set_defaults(func=_cmd_check_config)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = load_config_or_exit(args.config)
+    cfg = load_config_or_exit(args.config, runnable=not args.syntax_only)
     if args.print:
         print(json.dumps(cfg.redacted(), indent=2))
     print("ok")

@@ -1,8 +1,10 @@
 """The daemon's small HTTP server (aiohttp): ``GET /metrics`` (Prometheus text) and ``GET /healthz`` (JSON).
 
-Binds ``http.bind:http.port`` (127.0.0.1 by default). With ``http.token`` set, every request needs
-``Authorization: Bearer <token>`` (compared in constant time). ``/healthz`` answers 200 while the daemon is
-healthy and 503 otherwise, so it doubles as a readiness probe.
+Binds ``http.bind:http.port`` (127.0.0.1 by default). With ``http.token`` set, every request except
+``/healthz`` (a liveness probe carries no token) needs ``Authorization: Bearer <token>`` (scheme matched
+case-insensitively, RFC 7235 2.1; token compared in constant time). ``/healthz`` answers 200 while the daemon
+is healthy and 503 otherwise (with the reasons in ``degraded``), so it doubles as a readiness probe.
+Connections are limited by daemon/http_guard.py (header-read and idle timeouts, a connection cap).
 """
 
 from __future__ import annotations
@@ -14,25 +16,38 @@ from typing import Any
 
 from aiohttp import web
 
+from daemon.http_guard import ConnectionLimits, GuardedAppRunner
+
 HealthFn = Callable[[], dict[str, Any]]
 
 
 # The viewer's built JS/CSS bundle carries no data; browsers load it from <script> tags that cannot send a token.
 PUBLIC_PATH_PREFIXES = ("/viewer/assets/",)
+PUBLIC_PATHS = frozenset({"/healthz"})  # config.toml: "every request except /healthz"
+
+
+def _bearer(header: str) -> str | None:
+    """The token of ``Authorization: Bearer <token>`` (any case of the scheme), else None."""
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return credentials.strip()
 
 
 def build_app(metrics_fn: Callable[[], bytes], health_fn: HealthFn, token: str = "",
               setup: Callable[[web.Application], None] | None = None) -> web.Application:
     @web.middleware
     async def auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
-        if token and not request.path.startswith(PUBLIC_PATH_PREFIXES):
-            got = request.headers.get("Authorization", "")
-            if not got and "access_token" in request.query:  # RFC 6750 2.3: browsers (viewer pages, websockets)
-                got = "Bearer " + request.query["access_token"]
-            if not got:
+        public = request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PATH_PREFIXES)
+        if token and not public:
+            header = request.headers.get("Authorization", "")
+            got: str | None = _bearer(header) if header else None
+            if not header and "access_token" in request.query:  # RFC 6750 2.3: browsers (viewer, websockets)
+                got = request.query["access_token"]
+            if not header and got is None:
                 return web.json_response({"error": "unauthorized"}, status=401,
                                          headers={"WWW-Authenticate": "Bearer"})
-            if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+            if got is None or not hmac.compare_digest(got.encode(), token.encode()):
                 return web.json_response({"error": "forbidden"}, status=403)
         return await handler(request)
 
@@ -56,13 +71,20 @@ class HttpServer:
     """Async context manager: serves the app while the block runs; ``port`` is the bound port (0 -> free)."""
 
     def __init__(self, bind: str, port: int, metrics_fn: Callable[[], bytes], health_fn: HealthFn,
-                 token: str = "", setup: Callable[[web.Application], None] | None = None) -> None:
+                 token: str = "", setup: Callable[[web.Application], None] | None = None,
+                 limits: ConnectionLimits | None = None) -> None:
         self.bind, self.port = bind, port
+        self.limits = limits or ConnectionLimits()
         self._app = build_app(metrics_fn, health_fn, token, setup)
-        self._runner: web.AppRunner | None = None
+        self._runner: GuardedAppRunner | None = None
+
+    @property
+    def stats(self) -> Any:
+        """Connections refused by the cap, header timeouts, bad requests (daemon/http_guard.py)."""
+        return self._runner.stats if self._runner is not None else None
 
     async def __aenter__(self) -> "HttpServer":
-        self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        self._runner = GuardedAppRunner(self._app, self.limits, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.bind, self.port)
         await site.start()

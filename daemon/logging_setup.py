@@ -1,7 +1,8 @@
 """Daemon logging: quiet structured text by default, one JSON object per line with ``format="json"``.
 
 Extra fields given as ``logger.info("msg", extra={"source": "cam1"})`` appear as ``key=value`` (text) or
-as JSON keys. Third-party loggers are held at WARNING so ``info`` stays readable.
+as JSON keys. Credentials (``user:pass@``) and values of secret-looking keys are redacted in every line
+(daemon/redact.py). Third-party loggers are held at WARNING so ``info`` stays readable.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ import logging
 import sys
 import time
 
+from daemon.redact import redact_value, scrub
+
 _STD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 _NOISY = ("aiomqtt", "aiohttp.access", "asyncio", "PIL", "libav", "jittor", "urllib3")
 
 
 def _extras(record: logging.LogRecord) -> dict[str, object]:
-    return {k: v for k, v in vars(record).items() if k not in _STD_ATTRS and not k.startswith("_")}
+    return {k: redact_value(k, v) for k, v in vars(record).items()
+            if k not in _STD_ATTRS and not k.startswith("_")}
 
 
 class TextFormatter(logging.Formatter):
@@ -28,7 +32,7 @@ class TextFormatter(logging.Formatter):
             line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return scrub(line)
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,12 +41,12 @@ class JsonFormatter(logging.Formatter):
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": scrub(record.getMessage()),
         }
-        obj.update({k: v if isinstance(v, (int, float, bool, type(None))) else str(v)
+        obj.update({k: v if isinstance(v, (int, float, bool, type(None))) else scrub(str(v))
                     for k, v in _extras(record).items()})
         if record.exc_info:
-            obj["exc"] = self.formatException(record.exc_info)
+            obj["exc"] = scrub(self.formatException(record.exc_info))
         return json.dumps(obj)
 
 

@@ -58,11 +58,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from daemon.config import load_config_or_exit
     from daemon.logging_setup import setup_logging
 
-    cfg = load_config_or_exit(args.config)
+    cfg = load_config_or_exit(args.config, runnable=True)
+    if args.summary and (problem := _unwritable(Path(args.summary))):
+        print(f"geometryd run: error: --summary {args.summary}: {problem}", file=sys.stderr)
+        return 2
     setup_logging(cfg.logging.level, cfg.logging.format)
     daemon = Daemon(cfg, exit_when_done=args.exit_when_done, identity_delay=args.plumbing_identity_delay,
                     summary_path=args.summary)
     return asyncio.run(daemon.run())
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why a file cannot be written at ``path`` (checked before startup, not after the run), or None."""
+    folder = path.parent
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist"
+    if path.is_dir():
+        return "is a folder"
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return "permission denied"
+    return None
+
+
+class SourceFailed(Exception):
+    """A stage gave up on one source (the source's state becomes ``failed``; the daemon keeps running)."""
 
 
 class _StoppedDuringStartup(Exception):
@@ -129,6 +148,12 @@ class Daemon:
                 await self._until_stopped(self._startup(stack))
                 rc = await self._serve()
                 await self._final_status()
+            # after the exit stack: the publishers have resolved (delivered or dropped) every frame
+            lost = self._sources_with_nothing_delivered()
+            if lost and rc == 0:
+                log.error("every frame was dropped: nothing reached any sink",
+                          extra={"sources": ",".join(lost)})
+                rc = 1
         except _StoppedDuringStartup:
             log.info("stopped during startup")
             self.aborted_startup = True
@@ -172,16 +197,25 @@ class Daemon:
             self.webrtc, self.hub, web_setup = build_web(cfg, self.metrics)  # WHIP ingest + live viewer
             stack.push_async_callback(self.webrtc.close)
             stack.push_async_callback(self.hub.close)
+            from daemon.http_guard import ConnectionLimits
+
+            h = cfg.http
+            limits = ConnectionLimits(h.header_timeout_s, h.idle_timeout_s, h.max_connections)
             http = HttpServer(cfg.http.bind, cfg.http.port, self.metrics.render, self.health, cfg.http.token,
-                              web_setup)
+                              web_setup, limits)
             await stack.enter_async_context(http)
             log.info("http listening", extra={"bind": cfg.http.bind, "port": http.port})
 
         from daemon.shm import cleanup_stale_segments
 
+        from daemon.stages.prior import cleanup_stale_prior_dirs
+
         removed = await asyncio.to_thread(cleanup_stale_segments)
         if removed:
             log.info("removed stale shared memory", extra={"segments": ",".join(removed)})
+        removed = await asyncio.to_thread(cleanup_stale_prior_dirs)
+        if removed:
+            log.info("removed stale prior sidecar folders", extra={"folders": ",".join(removed)})
 
         await self._start_sidecar(stack)
         await self._load_pipeline(stack)
@@ -290,6 +324,17 @@ class Daemon:
             return 1
         return 0
 
+    def _sources_with_nothing_delivered(self) -> list[str]:
+        """Sources that took frames in and delivered none, dropping them for a cause other than the stop
+        itself (a run that reached nobody must not exit 0)."""
+        out = []
+        for name in self.runners:
+            c = self.metrics.source(name)
+            causes = {k for k, v in c.dropped.items() if v and k not in ("shutdown", "mqtt_shutdown")}
+            if c.frames_in and not c.frames_out and causes:
+                out.append(name)
+        return out
+
     async def _final_status(self) -> None:
         if self.mqtt is not None:
             for name, r in self.runners.items():
@@ -359,11 +404,27 @@ class Daemon:
         sidecar_up = self._sidecar_up()
         mqtt_connected = None if self.mqtt is None else self.mqtt.connected
         worker_up = self.worker is not None and self.worker.alive
-        ok = self.state == "ready" and sidecar_up and worker_up
-        return {"ok": ok, "state": self.state, "sources": sources, "sidecar_up": sidecar_up,
+        degraded = self.degraded_reasons(sidecar_up, worker_up)
+        ok = self.state == "ready" and not degraded
+        return {"ok": ok, "state": self.state, "degraded": degraded, "sources": sources,
+                "sidecar_up": sidecar_up,
                 "geometry_worker_up": worker_up,
                 "mqtt_connected": mqtt_connected,
                 "loop_lag_ms": round(1e3 * self.lag.samples[-1], 3) if self.lag.samples else None}
+
+    def degraded_reasons(self, sidecar_up: bool, worker_up: bool) -> list[str]:
+        """Why the daemon is not fully serving, one ``"<code>: <detail>"`` per cause (empty = healthy).
+        Components append their own codes here (the list is additive)."""
+        reasons: list[str] = []
+        if not sidecar_up:
+            reasons.append("prior_sidecar_down: the MoGe sidecar is not connected")
+        if not worker_up:
+            reasons.append("geometry_worker_down: the geometry worker process is not running")
+        problem = getattr(self.mqtt, "problem", None)
+        if problem is not None:
+            kind, detail = problem
+            reasons.append(f"mqtt_{kind}: {detail}")
+        return reasons
 
     def _sidecar_up(self) -> bool:
         return self.sidecar is not None and self.sidecar.connected
@@ -401,8 +462,11 @@ class Daemon:
         if not self.summary_path:
             return
         tmp = Path(self.summary_path).with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.summary(), indent=1, default=str))
-        tmp.replace(self.summary_path)
+        try:
+            tmp.write_text(json.dumps(self.summary(), indent=1, default=str))
+            tmp.replace(self.summary_path)
+        except OSError as exc:  # e.g. the folder vanished during the run: one line, no traceback
+            log.error("cannot write the summary %s: %s", self.summary_path, exc.strerror or exc)
 
 
 def _quantiles(xs: list[float]) -> dict[str, float] | None:
@@ -437,6 +501,7 @@ class SourceRunner:
         self.last_frame_t: float | None = None
         self.windows_done = 0
         self.reconnects = 0
+        self.ingest_cut = False  # the feeder was cancelled by a stop before its ingest ended
         self.inflight: dict[int, FrameMeta] = {}  # admitted, not yet published, by seq
         self.waiting = 0  # windows emitted but not yet started by geometry
         self._space = asyncio.Condition()
@@ -497,7 +562,8 @@ class SourceRunner:
         try:
             await asyncio.gather(*tasks)
             if self.state != "failed":
-                self.state = "done"
+                # cut off by a stop (SIGTERM): a live source never "ends", a file source did not reach its end
+                self.state = "stopped" if self.ingest_cut else "done"
         except Exception as exc:
             self.state, self.error = "failed", str(exc)
             log.exception("source failed", extra={"source": self.name})
@@ -570,6 +636,7 @@ class SourceRunner:
                 if win is not None:
                     self._emit(win)
         except asyncio.CancelledError:
+            self.ingest_cut = True
             log.info("ingest stopped", extra={"source": self.name})
             if unplaced:
                 m.drop(self.name, "shutdown")
@@ -683,12 +750,22 @@ class SourceRunner:
     async def _prior_loop(self) -> None:
         m = self.d.metrics
         while (win := await self.win_q.get()) is not _END:
+            if self.state == "failed":  # the prior stage gave up on this source: count, do not compute
+                win.prior_ok = False
+                await self.geo_q.put(win)
+                continue
             await self._wait_frame_priors(win)
             need = [r for r in win.refs if not self.ring.has_prior(r)]
             t0 = time.monotonic()
             try:
                 if need:
-                    await self.d.sidecar.compute(self.ring, need)
+                    await self._compute_prior(need)
+            except SourceFailed as exc:
+                self.state, self.error = "failed", str(exc)
+                m.source_errors.labels(self.name, "prior").inc()
+                log.error("source failed: %s", exc, extra={"source": self.name})
+                self.stop_ingest()
+                win.prior_ok = False
             except Exception as exc:  # PriorError and friends: this window cannot be processed
                 log.error("prior failed for window", extra={"source": self.name, "window": win.window_id,
                                                             "error": str(exc)})
@@ -697,6 +774,26 @@ class SourceRunner:
             m.observe_stage("prior", self.name, win.prior_s)
             await self.geo_q.put(win)
         await self.geo_q.put(_END)
+
+    async def _compute_prior(self, refs: list[Any]) -> None:
+        """Prior for ``refs``. With the sidecar's restart budget exhausted a file source FAILS (raises
+        SourceFailed: draining it into drops would report success) and a live source waits until the
+        budget window frees a restart (new frames meanwhile go through the overload policy)."""
+        from daemon.stages.prior import SidecarBudgetExhausted
+
+        sidecar = self.d.sidecar
+        while True:
+            try:
+                await sidecar.compute(self.ring, refs)
+                return
+            except SidecarBudgetExhausted as exc:
+                if self.src.type == "file" or self.d.stop_event.is_set():
+                    raise SourceFailed(str(exc)) from exc
+                wait = max(0.1, sidecar.budget_wait_s())
+                log.warning("prior sidecar restart budget exhausted; waiting for the budget window",
+                            extra={"source": self.name, "wait_s": round(wait, 1)})
+                with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+                    await asyncio.wait_for(self.d.stop_event.wait(), wait)
 
     # ---- geometry + publish ----------------------------------------------------------------------------
     async def _geometry_loop(self) -> None:

@@ -9,8 +9,10 @@ in float. PyAV is imported inside the functions.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,52 +31,95 @@ class VideoInfo:
     frames: int  # from the container; 0 when unknown
 
 
+def _video_stream(container: Any, path: str | Path) -> Any:
+    if not container.streams.video:
+        kinds = ", ".join(sorted({st.type for st in container.streams})) or "none"
+        raise VideoError(f"{path} has no video stream (streams: {kinds})")
+    return container.streams.video[0]
+
+
 def probe(path: str | Path) -> VideoInfo:
     import av
 
     try:
         with av.open(str(path)) as container:
-            stream = container.streams.video[0]
+            stream = _video_stream(container, path)
             rate = stream.average_rate or stream.guessed_rate or 0
             ctx = stream.codec_context
             return VideoInfo(ctx.width, ctx.height, float(rate), int(stream.frames or 0))
-    except (av.error.FFmpegError, IndexError, OSError) as exc:
+    except (av.error.FFmpegError, OSError) as exc:
         raise VideoError(f"cannot open video {path}: {exc}") from exc
+
+
+def iter_frames(path: str | Path, stride: int = 1, max_frames: int = -1) -> Iterator[np.ndarray]:
+    """Decode ``path`` one frame at a time: (H, W, 3) uint8 RGB, every ``stride``-th, at most ``max_frames``.
+    Raises VideoError (one line) for a file without a video stream or a size change mid-stream."""
+    import av
+
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    n = 0
+    size: tuple[int, int] | None = None
+    try:
+        with av.open(str(path)) as container:
+            stream = _video_stream(container, path)
+            stream.thread_type = "AUTO"
+            for i, frame in enumerate(container.decode(stream)):
+                if i % stride:
+                    continue
+                if size is None:
+                    size = (frame.width, frame.height)
+                elif (frame.width, frame.height) != size:
+                    raise VideoError(
+                        f"{path}: frame {i} is {frame.width}x{frame.height} but the video started at "
+                        f"{size[0]}x{size[1]}; a resolution change mid-stream is not supported "
+                        "(re-encode the file at one size)")
+                yield frame.to_ndarray(format="rgb24")
+                n += 1
+                if 0 < max_frames <= n:
+                    return
+    except (av.error.FFmpegError, OSError) as exc:
+        raise VideoError(f"cannot decode video {path}: {exc}") from exc
 
 
 def read_frames(
     path: str | Path, stride: int = 1, max_frames: int = -1, size: tuple[int, int] | None = None
 ) -> tuple[np.ndarray, float]:
-    """(T, H, W, 3) uint8 RGB frames and the source fps. ``size`` = (H, W) resizes each frame on read."""
-    import av
+    """(T, H, W, 3) uint8 RGB frames and the source fps. ``size`` = (H, W) resizes each frame on read.
 
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    frames: list[np.ndarray] = []
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            fps = float(stream.average_rate or stream.guessed_rate or 0)
-            for i, frame in enumerate(container.decode(stream)):
-                if i % stride:
-                    continue
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if 0 < max_frames <= len(frames):
-                    break
-    except (av.error.FFmpegError, IndexError, OSError) as exc:
-        raise VideoError(f"cannot decode video {path}: {exc}") from exc
-    if not frames:
+    Frames are decoded one at a time into one preallocated array (sized from the container's frame count,
+    grown in blocks when that is unknown or wrong), so the peak is one copy of the clip, not a list of frames
+    plus the stacked copy; with ``size`` each frame is resized as it arrives."""
+    info = probe(path)
+    expected = info.frames // stride + 1 if info.frames else 0
+    if max_frames > 0:
+        expected = min(expected, max_frames) if expected else max_frames
+    out: np.ndarray | None = None
+    t = 0
+    for img in iter_frames(path, stride, max_frames):
+        if size is not None and tuple(size) != img.shape[:2]:
+            img = _resize_frame(img, tuple(size))
+        if out is None:
+            out = np.empty((max(expected, 1), *img.shape), np.uint8)
+        elif t == len(out):
+            grown = np.empty((len(out) + max(16, len(out) // 4), *img.shape), np.uint8)
+            grown[:t] = out
+            out = grown
+        out[t] = img
+        t += 1
+    if out is None or t == 0:
         raise VideoError(f"video {path} has no frames")
-    out = np.stack(frames)
-    if size is not None and tuple(size) != out.shape[1:3]:
-        from daemon import resample
+    out = out[:t]
+    log.info("read %d frames %dx%d from %s", t, out.shape[2], out.shape[1], path)
+    return out, info.fps
 
-        x = out.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
-        x = np.clip(resample.resize(x, tuple(size), "bicubic_aa"), 0.0, 1.0)
-        out = np.round(x * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
-    log.info("read %d frames %dx%d from %s", out.shape[0], out.shape[2], out.shape[1], path)
-    return np.ascontiguousarray(out), fps
+
+def _resize_frame(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from daemon import resample
+
+    x = img.transpose(2, 0, 1)[None].astype(np.float32) / np.float32(255.0)
+    x = np.clip(resample.resize(x, size, "bicubic_aa"), 0.0, 1.0)
+    return np.round(x[0] * 255.0).astype(np.uint8).transpose(1, 2, 0)
 
 
 def write_video(

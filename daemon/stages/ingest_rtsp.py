@@ -13,20 +13,15 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
+from daemon.redact import scrub
 from daemon.stages.ingest_file import IngestError, IngestFrame, StallError, ThreadedReader, decode_container
 
 log = logging.getLogger(__name__)
 
-_CRED = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
-
-
-def scrub_url(text: str) -> str:
-    """``rtsp://user:pass@host/x`` -> ``rtsp://***@host/x`` (anywhere in a string, e.g. an error message)."""
-    return _CRED.sub(r"\g<scheme>***@", text)
+scrub_url = scrub  # ``rtsp://user:pass@host/x`` -> ``rtsp://***:***@host/x`` anywhere in a string
 
 
 def backoff_delays(initial: float, maximum: float, rng: random.Random | None = None) -> Iterator[float]:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 _BUDGET_WINDOW_S = 60.0
+PRIOR_DIR_PREFIX = "geometryd-prior-"  # TMPDIR/geometryd-prior-<daemon pid>-<random>/moge.sock
 
 
 class PriorError(Exception):
@@ -53,6 +54,10 @@ class PriorRequestError(PriorError):
 
 class SidecarUnavailable(PriorError):
     """The sidecar could not be (re)started: startup failure, timeout, or restart budget exhausted."""
+
+
+class SidecarBudgetExhausted(SidecarUnavailable):
+    """``restart_budget`` restarts happened in the last 60 s: no restart until the window frees one."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,7 @@ class PriorSidecar:
         if not self.checkpoint.is_file():
             raise SidecarUnavailable(f"MoGe checkpoint not found: {self.checkpoint}")
         self._stopping = False
-        self._tmpdir = tempfile.mkdtemp(prefix="geometryd-prior-")
+        self._tmpdir = tempfile.mkdtemp(prefix=f"{PRIOR_DIR_PREFIX}{os.getpid()}-")
         async with self._lock:
             await self._spawn()
         self._started = True
@@ -290,7 +295,7 @@ class PriorSidecar:
             self._restart_times.popleft()
         budget = int(getattr(self.cfg, "restart_budget", 5))
         if len(self._restart_times) >= budget:
-            raise SidecarUnavailable(f"MoGe sidecar restart budget exhausted ({budget} per "
+            raise SidecarBudgetExhausted(f"MoGe sidecar restart budget exhausted ({budget} per "
                                      f"{_BUDGET_WINDOW_S:.0f} s); last failure: {reason}")
         delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** self._consecutive_failures)
         if self._consecutive_failures:
@@ -300,6 +305,15 @@ class PriorSidecar:
         self.restarts += 1
         log.warning("restarting MoGe sidecar", extra={"reason": reason, "restarts": self.restarts})
         await self._spawn()
+
+    def budget_wait_s(self) -> float:
+        """Seconds until the restart budget allows another restart (0 when it does now)."""
+        budget = int(getattr(self.cfg, "restart_budget", 5))
+        times = list(self._restart_times)
+        if len(times) < budget or not times:
+            return 0.0
+        oldest_that_counts = times[len(times) - budget]
+        return max(0.0, oldest_that_counts + _BUDGET_WINDOW_S - time.monotonic())
 
     async def _ensure_running(self, reason: str) -> None:
         if self._stopping or not self._started:
@@ -386,6 +400,14 @@ class PriorSidecar:
                 async with self._lock:
                     await self._teardown(signal.SIGKILL, grace=0)
                 continue
+            except SidecarBudgetExhausted:
+                self.errors += 1
+                raise
+            except SidecarUnavailable as exc:  # this restart failed (e.g. killed while loading): one attempt
+                last = f"sidecar restart failed (attempt {attempt}): {exc}"
+                log.warning("prior sidecar restart failed; retrying",
+                            extra={"ring": ring.name, "attempt": attempt, "error": str(exc)})
+                continue
             except PriorError:
                 self.errors += 1
                 raise
@@ -406,6 +428,52 @@ class PriorSidecar:
         with contextlib.suppress(PriorError, asyncio.TimeoutError, _Crashed):
             await self._ensure_running("detach")
             await self._call({"op": "detach", "ring": ring_name}, 10.0)
+
+
+def cleanup_stale_prior_dirs(tmp_dir: str | None = None) -> list[str]:
+    """Remove ``TMPDIR/geometryd-prior-*`` folders left by a daemon that died (SIGKILL): those whose owner pid
+    (in the name) is dead, and 0.1.0's pid-less ones whose socket nobody listens on. Returns the names."""
+    root = Path(tmp_dir or tempfile.gettempdir())
+    removed: list[str] = []
+    try:
+        entries = sorted(p for p in root.iterdir() if p.name.startswith(PRIOR_DIR_PREFIX) and p.is_dir())
+    except OSError:
+        return removed
+    for path in entries:
+        owner = path.name[len(PRIOR_DIR_PREFIX):].split("-", 1)[0]
+        if owner.isdigit():
+            stale = int(owner) != os.getpid() and not _pid_alive(int(owner))
+        else:
+            stale = not _socket_listening(path / "moge.sock")
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                removed.append(path.name)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _socket_listening(path: Path) -> bool:
+    import socket
+
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 _offline_ids = itertools.count()

@@ -14,7 +14,10 @@ Accounting of data messages (depth, points), per source: ``offered == published 
 ``__aexit__`` nothing is queued. Drop reasons: ``oversize`` (packet larger than the configured
 ``max_payload_bytes`` or the broker's announced Maximum Packet Size: refused, never sent), ``outbox_full``,
 ``timeout`` (no completion within ``publish_timeout_s``; the connection is then reset), ``disconnected`` (the
-connection died under the message), ``shutdown`` (still queued when the publisher closed).
+connection died under the message), ``shutdown`` (still queued when the publisher closed), and while the
+broker is known to be down (the last connect attempt failed) the cause instead of the latter four:
+``unreachable`` (no connection) or ``auth`` (the broker refused our credentials). ``problem`` tells
+/healthz the same cause; connect failures are logged as a warning at most every ``WARN_INTERVAL_S``.
 Pitfall (streaming-recipes.md): a broker with ``max_packet_size`` silently disconnects a client that sends a
 larger packet and the publish never completes; hence the size check and the timeout on every publish.
 """
@@ -43,7 +46,11 @@ from daemon import encoding
 log = logging.getLogger(__name__)
 
 MQTT_MAX_PACKET = 268_435_455  # protocol limit (remaining length of a variable byte integer)
-DROP_REASONS = ("oversize", "outbox_full", "timeout", "disconnected", "shutdown")
+DROP_REASONS = ("oversize", "outbox_full", "timeout", "disconnected", "shutdown", "unreachable", "auth")
+# While the broker is known to be down, a message lost to the outbox or to shutdown is labelled by the cause.
+_DOWN_MASKED = ("outbox_full", "shutdown", "timeout", "disconnected")
+_AUTH_CODES = {4, 5, 134, 135}  # CONNACK: v3.1.1 bad user/password, not authorised; v5 the same pair
+WARN_INTERVAL_S = 30.0  # at most one connect-failure warning per this many seconds (the rest: debug)
 AVAILABILITY = "status"  # <prefix>/status: daemon-wide availability, carries the last will
 
 
@@ -174,6 +181,9 @@ class MqttPublisher:
         self._connected: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._warned_oversize: set[tuple[str, str]] = set()
+        self.problem: tuple[str, str] | None = None  # (kind, detail) while the broker is known to be down
+        self._last_warn = -math.inf
+        self._unwarned = 0
         self._closed = False
         self._inflight = 0
 
@@ -232,6 +242,8 @@ class MqttPublisher:
         return stats
 
     def _drop(self, msg: _Message, reason: str) -> None:
+        if self.problem is not None and reason in _DOWN_MASKED and not self.connected:
+            reason = self.problem[0]
         if msg.outcome is not None:
             msg.outcome.part_done(reason)
         dropped = self._source(msg.source).dropped
@@ -562,6 +574,8 @@ class MqttPublisher:
                         self.reconnects += 1
                         self._sync_metrics()
                     self._connected.set()
+                    self.problem = None
+                    self._last_warn, self._unwarned = -math.inf, 0
                     log.info("mqtt: connected to %s as %s (broker max packet %s)", where, self.client_id,
                              self._broker_max_packet)
                     delay = float(self.cfg.reconnect_initial_s)
@@ -573,12 +587,13 @@ class MqttPublisher:
                     log.warning("mqtt: connection to %s lost: %s", where, exc)
                 else:
                     self.connect_failures += 1
-                    log.log(logging.WARNING if self.connect_failures == 1 else logging.DEBUG,
-                            "mqtt: cannot connect to %s: %s (retrying with backoff)", where, exc)
+                    self._connect_failed(where, exc)
             except (_Reconnect, _Timeout, _Disconnected) as exc:
                 log.warning("mqtt: resetting the connection to %s: %s", where, exc)
-            except Exception:  # e.g. a bad TLS setup: keep retrying, never let the stage die silently
+            except Exception as exc:  # e.g. a bad TLS setup: keep retrying, never let the stage die silently
                 self.connect_failures += 1
+                if not self._connected.is_set():
+                    self.problem = ("unreachable", f"cannot connect to {where}: {type(exc).__name__}: {exc}")
                 log.log(logging.ERROR if self.connect_failures == 1 else logging.DEBUG,
                         "mqtt: unexpected error with %s (retrying with backoff)", where, exc_info=True)
             finally:
@@ -592,6 +607,25 @@ class MqttPublisher:
             except (TimeoutError, asyncio.TimeoutError):
                 pass
             delay = min(delay * 2, float(self.cfg.reconnect_max_s))
+
+    def _connect_failed(self, where: str, exc: Exception) -> None:
+        """Remember why the broker is down (for /healthz and drop labels); warn at a bounded rate."""
+        rc = getattr(exc, "rc", None)
+        code = getattr(rc, "value", rc)
+        if isinstance(code, int) and code in _AUTH_CODES:
+            kind, detail = "auth", f"{where} refused the credentials of user {self.cfg.username!r}: {exc}"
+        else:
+            kind, detail = "unreachable", f"cannot connect to {where}: {exc}"
+        changed = self.problem is None or self.problem[0] != kind
+        self.problem = (kind, detail)
+        now = time.monotonic()
+        if changed or now - self._last_warn >= WARN_INTERVAL_S:
+            more = f" ({self._unwarned} more failures since the last warning)" if self._unwarned else ""
+            log.warning("mqtt: %s; retrying with backoff%s", detail, more)
+            self._last_warn, self._unwarned = now, 0
+        else:
+            self._unwarned += 1
+            log.debug("mqtt: %s (retrying with backoff)", detail)
 
     async def _serve(self, client: Any) -> None:
         """Send retained updates first, then the outbox, until stopped with nothing left to send."""
