@@ -25,9 +25,15 @@ class BatchActor:
 
     def __init__(self, opts: ProcessOptions, name: str) -> None:
         import os
+        import signal
 
         self.worker = BatchWorker(opts, name=f"{name}@pid{os.getpid()}")
         self.worker.start()
+        # Jittor's SIGCHLD handler would quick-exit this worker when its sidecar dies: import_jittor removes
+        # it, but only on the main thread. Refuse to serve if Ray ran us elsewhere.
+        if signal.getsignal(signal.SIGCHLD) is not signal.SIG_DFL:
+            raise RuntimeError("Jittor's SIGCHLD handler is installed in the batch actor (not loaded on the "
+                               "main thread)")
 
     def ping(self) -> str:
         return self.worker.name

@@ -96,6 +96,7 @@ class ActorState:
     capacity: float = 1.0
     measured: bool = False
     down_since: float | None = None
+    slow_since: float | None = None
     last_status: dict[str, Any] = field(default_factory=dict)
 
 
@@ -275,10 +276,18 @@ class Controller:
                                          for a in actors if a.state in ("up", "down")),
                                        return_exceptions=True)
         polled = [a for a in actors if a.state in ("up", "down")]
+        now = time.time()
         for a, res in zip(polled, results, strict=True):
+            if isinstance(res, asyncio.TimeoutError) and a.state == "up":
+                # slow (a loaded box), not dead: Ray reports a dead actor with RayActorError
+                a.slow_since = a.slow_since or now
+                if now - a.slow_since <= self.cc.restart_timeout_s:
+                    log.warning("actor slow to answer", extra={"actor": a.name})
+                    continue
             if isinstance(res, BaseException):
                 await self._on_unreachable(a, res)
             else:
+                a.slow_since = None
                 await self._on_status(a, res)
         self._recheck_recoveries()
         self._update_metrics()
