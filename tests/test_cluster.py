@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from mosquitto import Mosquitto
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 N_FRAMES = 30
-TIMEOUT = 420
+TIMEOUT = 900  # per wait; a loaded 2-core box needs minutes for the daemons to start
 
 
 class StatusWatcher:
