@@ -18,7 +18,7 @@ import pytest
 from daemon_fixtures import REPO, Subscriber, base_sections, free_port, make_clip, tiny_model, write_config  # noqa: F401
 from mosquitto import Mosquitto
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1800)]  # minutes of start-up when loaded
 
 N_FRAMES = 30
 TIMEOUT = 900  # per wait; a loaded 2-core box needs minutes for the daemons to start
