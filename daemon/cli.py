@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("daemon.bench_cmd", "run the CPU benchmark suite (--gpu: the GPU table)"),
     "check-config": ("daemon.config", "validate a config file: prints ok or one error line (exit 2)"),
     "subscribe": ("daemon.subscribe", "reference MQTT subscriber: decode published frames to arrays"),
+    "batch": ("daemon.batch", "offline: many video files -> DIR/<name>.npz + manifest.jsonl (--ray: on Ray)"),
+    "cluster": ("daemon.cluster.controller", "run GPU actors (one daemon per GPU) on a Ray cluster"),
 }
 COMMAND_MODULES: list[str] = [module for module, _ in COMMANDS.values()]
 

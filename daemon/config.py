@@ -36,6 +36,7 @@ from daemon.redact import redact_value, scrub
 
 __all__ = [
     "Config",
+    "ClusterConfig",
     "ConfigError",
     "DaemonConfig",
     "FilesConfig",
@@ -200,6 +201,20 @@ class StreamingConfig(_Section, frozen=True, kw_only=True):
     preview_batch: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
 
 
+class ClusterConfig(_Section, frozen=True, kw_only=True):
+    address: Annotated[str, msgspec.Meta(min_length=1)] = "local"
+    actors: Annotated[int, msgspec.Meta(ge=0)] = 0
+    gpus_per_actor: Annotated[float, msgspec.Meta(ge=0.0, le=64.0)] = 1.0
+    local_gpus: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    local_cpus: Annotated[int, msgspec.Meta(ge=0)] = 0
+    object_store_mb: Annotated[int, msgspec.Meta(ge=80)] = 256
+    max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 1
+    restart_timeout_s: PosSeconds = 60.0
+    status_interval_s: PosSeconds = 1.0
+    default_fps: Annotated[float, msgspec.Meta(ge=MIN_SECONDS, le=1000.0)] = 30.0
+    http_port: Port = 9420
+
+
 # Keys each source type may set (besides `type`); the others keep their defaults.
 SOURCE_TYPE_KEYS: dict[str, tuple[str, ...]] = {
     "file": ("path", "loop", "realtime", "preview"),
@@ -237,6 +252,7 @@ class Config(_Section, frozen=True, kw_only=True):
     logging: LoggingConfig = LoggingConfig()
     daemon: DaemonConfig = DaemonConfig()
     streaming: StreamingConfig = StreamingConfig()
+    cluster: ClusterConfig = ClusterConfig()
     sources: dict[str, Source] = {}
 
     def prior_checkpoint(self) -> Path:

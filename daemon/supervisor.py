@@ -124,6 +124,7 @@ class Daemon:
         self.failed = False
         self.webrtc: Any = None  # daemon.stages.ingest_webrtc.WebrtcSources (with the HTTP server)
         self.hub: Any = None  # daemon.viewer.hub.ResultsHub (with the HTTP server)
+        self.warmup_s: float | None = None  # one warm-up window's seconds (capacity, daemon/cluster/)
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     def fatal(self, why: str) -> None:
@@ -269,6 +270,7 @@ class Daemon:
                  extra={"seconds": round(secs, 2), "frames": params.window_size,
                         "size": f"{params.height}x{params.width}"})
         secs = await self.worker.warm_up()
+        self.warmup_s = secs
         log.info("warm-up done", extra={"seconds": round(secs, 2)})
 
     async def _start_publishers(self, stack: contextlib.AsyncExitStack) -> None:

@@ -1,0 +1,236 @@
+"""`geometryd batch INPUTS... --out DIR [--ray ADDRESS]`: a video archive -> one upstream npz per video.
+
+Inputs are files, folders (their video files, sorted) and globs. Each input becomes ``DIR/<stem>.npz``
+(``point_map`` float16, ``mask`` bool: the layout of `geometryd process`, same options and defaults) and one
+line of ``DIR/manifest.jsonl`` (input, output, status ok|failed|skipped, frames, seconds, error, worker).
+An input whose npz exists is skipped (npz files are written under a temporary name and renamed, so an
+existing one is complete): a batch that was interrupted resumes where it stopped. A bad input fails alone.
+
+Without ``--ray`` the videos run serially in this process (model loaded once). With ``--ray ADDRESS``
+(``local``, ``auto``, ``ray://...``) one Ray actor per GPU (``--gpus-per-worker``, fractional or logical on
+a CPU box) loads the model once and takes one video after another (daemon/cluster/batch_pool.py).
+Exit codes: 0 all ok or skipped, 1 some input failed (one-line summary on stderr), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from daemon.batch_worker import BatchWorker, ProcessOptions, VideoResult
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".ts", ".mpg", ".mpeg", ".flv"})
+MANIFEST = "manifest.jsonl"
+
+
+class UsageError(ValueError):
+    """Bad arguments (exit 2)."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "batch", help="process many video files (files, folders, globs) into DIR/<name>.npz + manifest.jsonl",
+        description="Offline GeometryCrafter on a video archive: one npz per input, resumable, optionally "
+                    "spread over a Ray cluster (one model-holding actor per GPU).")
+    p.add_argument("inputs", nargs="+", help="video files, folders of videos, or globs")
+    p.add_argument("--out", type=Path, required=True, help="output folder (npz files and manifest.jsonl)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run on Ray: local (start one here), auto (this node's cluster) or ray://host:port")
+    p.add_argument("--workers", type=int, default=0,
+                   help="Ray actors (default: one per GPU of the cluster, at least 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0,
+                   help="GPUs each Ray actor asks for (fractional shares GPUs; default 1)")
+    p.add_argument("--local-gpus", type=int, default=None,
+                   help="with --ray local: GPUs the local cluster announces (logical ones on a CPU box)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    p.add_argument("--model-dir", type=Path, required=True, help="model folder (merged official layout)")
+    p.add_argument("--variant", choices=("diff", "determ"), default="diff", help="UNet variant (default diff)")
+    p.add_argument("--height", type=int, default=0, help="processing height, multiple of 64 (default: source)")
+    p.add_argument("--width", type=int, default=0, help="processing width, multiple of 64 (default: source)")
+    p.add_argument("--window", type=int, default=110, help="window size in frames (default 110)")
+    p.add_argument("--overlap", type=int, default=25, help="window overlap in frames (default 25)")
+    p.add_argument("--steps", type=int, default=5, help="denoising steps, diff variant (default 5)")
+    p.add_argument("--decode-chunk", type=int, default=8, help="frames per encoder/decoder call (default 8)")
+    p.add_argument("--stride", type=int, default=1, help="use every N-th frame (default 1)")
+    p.add_argument("--max-frames", type=int, default=-1, help="process at most N frames (default all)")
+    p.add_argument("--seed", type=int, default=42, help="noise seed (default 42)")
+    p.add_argument("--low-memory", action="store_true", help="keep big tensors on the host")
+    p.add_argument("--dtype", choices=("auto", "fp16", "fp32"), default="auto",
+                   help="network precision (auto = fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device of the MoGe prior")
+    p.add_argument("--prior-python", default="", help="interpreter for the MoGe sidecar (default: this one)")
+    p.set_defaults(func=run)
+
+
+# ---- inputs and outputs --------------------------------------------------------------------------------
+def expand_inputs(items: Iterable[str]) -> list[Path]:
+    """Files as given, folders -> their video files (sorted), globs -> their matches; order kept, no dups."""
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES)
+        elif p.exists():
+            found = [p]
+        elif glob.has_magic(item):
+            found = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
+        else:
+            raise UsageError(f"input not found: {item}")
+        if not found:
+            raise UsageError(f"no video files in {item}")
+        out += [f for f in found if f not in out]
+    return out
+
+
+def output_paths(inputs: list[Path], out_dir: Path) -> dict[Path, Path]:
+    """``DIR/<stem>.npz`` per input; two inputs with the same stem are refused (one would overwrite)."""
+    seen: dict[str, Path] = {}
+    for p in inputs:
+        if p.stem in seen:
+            raise UsageError(f"inputs {seen[p.stem]} and {p} would both write {p.stem}.npz")
+        seen[p.stem] = p
+    return {p: out_dir / f"{p.stem}.npz" for p in inputs}
+
+
+def is_complete(npz: Path) -> bool:
+    """An existing npz with both arrays (written atomically by the worker)."""
+    if not npz.is_file():
+        return False
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(npz) as z:
+            return {"point_map.npy", "mask.npy"} <= set(z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+class Manifest:
+    """``manifest.jsonl``: one JSON line per input and run, appended and flushed as results arrive."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, res: VideoResult) -> None:
+        self._f.write(json.dumps({**res.to_json(), "time": round(time.time(), 3)}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+# ---- running ---------------------------------------------------------------------------------------------
+def options_from_args(args: argparse.Namespace) -> ProcessOptions:
+    return ProcessOptions(model_dir=str(args.model_dir), variant=args.variant, height=args.height,
+                          width=args.width, window=args.window, overlap=args.overlap, steps=args.steps,
+                          decode_chunk=args.decode_chunk, stride=args.stride, max_frames=args.max_frames,
+                          seed=args.seed, low_memory=args.low_memory, dtype=args.dtype, device=args.device,
+                          prior_python=args.prior_python)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if not args.model_dir.is_dir():
+        raise UsageError(f"model folder not found: {args.model_dir}")
+    for name in ("window", "decode_chunk", "stride", "steps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.overlap < args.window:
+        raise UsageError(f"--overlap must be in [0, --window) = [0, {args.window}), got {args.overlap}")
+    if (args.height > 0) != (args.width > 0) or args.height % 64 or args.width % 64:
+        raise UsageError("give both --height and --width as multiples of 64, or neither")
+    if args.gpus_per_worker < 0 or args.workers < 0:
+        raise UsageError("--workers and --gpus-per-worker must be >= 0")
+    from daemon.tiny import missing_parts
+
+    need = {f"unet_{args.variant}", "point_map_vae", "vae", "image_encoder", "feature_extractor", "scheduler",
+            "moge"}
+    missing = sorted(need & set(missing_parts(args.model_dir)))
+    if missing:
+        raise UsageError(f"model folder {args.model_dir} is missing: {', '.join(p + '/' for p in missing)}")
+
+
+def run_serial(opts: ProcessOptions, jobs: list[tuple[Path, Path]], on_result: Callable[[VideoResult], None]) -> None:
+    worker = BatchWorker(opts)
+    try:
+        for video, out in jobs:
+            on_result(worker.process(str(video), str(out)))
+    finally:
+        worker.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        _validate(args)
+        inputs = expand_inputs(args.inputs)
+        outputs = output_paths(inputs, args.out)
+    except UsageError as exc:
+        print(f"geometryd batch: error: {exc}", file=sys.stderr)
+        return 2
+    manifest = Manifest(args.out / MANIFEST)
+    results: list[VideoResult] = []
+    jobs: list[tuple[Path, Path]] = []
+    for video, out in outputs.items():
+        if is_complete(out):
+            res = VideoResult(str(video), str(out), "skipped", error=None)
+            manifest.write(res)
+            results.append(res)
+        else:
+            jobs.append((video, out))
+    bar = _progress(len(jobs), args.no_progress)
+
+    def on_result(res: VideoResult) -> None:
+        manifest.write(res)
+        results.append(res)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{Path(res.input).name}: {res.status}")
+        else:
+            log.info("%s: %s (%d frames, %.1f s)%s", res.input, res.status, res.frames, res.seconds,
+                     f": {res.error}" if res.error else "")
+
+    t0 = time.perf_counter()
+    try:
+        if jobs and args.ray:
+            from daemon.cluster.batch_pool import run_on_ray
+
+            run_on_ray(args.ray, options_from_args(args), jobs, on_result, workers=args.workers,
+                       gpus_per_worker=args.gpus_per_worker, local_gpus=args.local_gpus)
+        elif jobs:
+            run_serial(options_from_args(args), jobs, on_result)
+    finally:
+        manifest.close()
+        if bar is not None:
+            bar.close()
+    return _summarise(results, time.perf_counter() - t0)
+
+
+def _progress(total: int, disabled: bool):  # noqa: ANN202 - tqdm or None
+    if disabled or not total or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="video", file=sys.stderr)
+
+
+def _summarise(results: list[VideoResult], seconds: float) -> int:
+    n = {s: sum(1 for r in results if r.status == s) for s in ("ok", "skipped", "failed")}
+    failed = [r for r in results if r.status == "failed"]
+    line = f"{n['ok']} ok, {n['skipped']} skipped, {n['failed']} failed of {len(results)} inputs in {seconds:.1f} s"
+    if failed:
+        first = failed[0]
+        print(f"geometryd batch: {line}; first failure: {first.input}: {first.error}", file=sys.stderr)
+        return 1
+    print(f"geometryd batch: {line}")
+    return 0

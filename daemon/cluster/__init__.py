@@ -1,0 +1,1 @@
+"""Scale-out on Ray: GPU actors running geometry daemons (`geometryd cluster`) and batch workers."""
