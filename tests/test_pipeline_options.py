@@ -17,7 +17,8 @@ import pytest
 from tests.pipeline_fixtures import synthetic_clip, tiny_model_dir
 
 H0, W0, H, W = 72, 100, 64, 128
-TOL = {"frac_guided_per_pixel": 1.2e-4, "frac_per_frame": 1.2e-4, "nan_guard": 1.2e-4}
+# ~3x measured: 1.8e-5 / 2.7e-5 / 1.85e-5 (masks 100 % / 99.997 % / 100 %)
+TOL = {"frac_guided_per_pixel": 6e-5, "frac_per_frame": 8e-5, "nan_guard": 6e-5}
 
 CASES = {
     # overlap 4: stitch weights 0, 1/3, 2/3, 1; guidance 2.5 doubles the UNet calls; per-pixel focal;
@@ -72,7 +73,7 @@ def test_options_match_torch_reference(model_dir: Path, torch_pmap, case: str) -
     err, agree = _rel_err(got, want)
     print(f"{case}: point map rel err {err:.3e}, mask agreement {agree:.6f}")
     assert err <= TOL[case], err
-    assert agree >= 0.999, agree
+    assert agree >= 0.9999, agree
     if kw.get("guidance_scale", 1.0) > 1:  # guidance changes the result far beyond the tolerance
         plain = TorchRefPipeline(model_dir, spec["variant"], torch_pmap)(
             frames, points, mask, noise=noise, **{**kw, "guidance_scale": 1.0})
@@ -122,4 +123,4 @@ def test_degenerate_prior_nan_window_offline_and_nan_guard(model_dir: Path, torc
     err, agree = _rel_err(got, want)
     print(f"nan_guard: point map rel err {err:.3e}, mask agreement {agree:.6f}; offline frame 4 {err4:.3e}")
     assert err <= TOL["nan_guard"], err
-    assert agree >= 0.999, agree
+    assert agree >= 0.9999, agree
