@@ -69,6 +69,10 @@ class _StoppedDuringStartup(Exception):
     pass
 
 
+class _SourceFailed(Exception):
+    """A source's task group ends for a reason already logged (no traceback)."""
+
+
 @dataclasses.dataclass
 class LagStats:
     samples: list[float] = dataclasses.field(default_factory=list)
@@ -111,6 +115,8 @@ class Daemon:
     # ---- lifecycle -------------------------------------------------------------------------------------
     def fatal(self, why: str) -> None:
         """An unrecoverable fault: stop everything and exit 1 (systemd restarts the service)."""
+        if self.failed:
+            return  # one reason line; later faults are consequences
         log.error("fatal: %s", why)
         self.failed = True
         self.request_stop(why)
@@ -541,6 +547,8 @@ class SourceRunner:
             await asyncio.gather(*tasks)
             if self.state != "failed":
                 self.state = "done"
+        except _SourceFailed as exc:  # already logged as the daemon's fatal reason
+            self.state, self.error = "failed", str(exc)
         except Exception as exc:
             self.state, self.error = "failed", str(exc)
             log.exception("source failed", extra={"source": self.name})
@@ -667,7 +675,7 @@ class SourceRunner:
                 self._drop_through(win, worker.last_fault or "geometry_crash")
                 self._release(win)
                 self.d.fatal(str(exc))
-                raise
+                raise _SourceFailed(str(exc)) from None
             except GeometryFault as exc:  # retried once on a restarted worker: the window is dropped
                 self._drop_through(win, exc.reason)
                 self._release(win)

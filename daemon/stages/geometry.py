@@ -245,6 +245,7 @@ class GeometryWorker:
         self.restarting = False
         self.last_fault: str | None = None  # drop reason of the latest fault
         self.last_recovery_s: float | None = None  # fault -> restarted worker, seconds
+        self.unavailable: str | None = None  # set once a restart was refused or failed: the worker is gone
         self._restart_times: deque[float] = deque()
         self._heartbeat_task: asyncio.Task[None] | None = None
         self.on_unavailable: Any = None  # callback(message) when an idle-time restart fails (daemon: fatal)
@@ -306,6 +307,8 @@ class GeometryWorker:
 
     async def request(self, msg: tuple[Any, ...], deadline: float | None) -> Any:
         async with self._lock:
+            if self.unavailable is not None:
+                raise GeometryUnavailable(self.unavailable)
             return await self._call(msg, deadline)
 
     async def _call(self, msg: tuple[Any, ...], deadline: float | None) -> Any:
@@ -347,7 +350,13 @@ class GeometryWorker:
     async def recover(self, fault: GeometryFault) -> None:
         """Kill what is left of the worker and start a new one (load + warm-up), within the budget."""
         async with self._lock:
-            await self._recover_locked(fault)
+            if self.unavailable is not None:
+                raise GeometryUnavailable(self.unavailable)
+            try:
+                await self._recover_locked(fault)
+            except GeometryUnavailable as exc:
+                self.unavailable = str(exc)
+                raise
 
     async def _recover_locked(self, fault: GeometryFault) -> None:
         t0 = time.monotonic()
@@ -395,6 +404,8 @@ class GeometryWorker:
                 continue
             except GeometryFault as exc:
                 fault = exc
+            except GeometryUnavailable:
+                return  # the window path already reported it
             except GeometryError:
                 continue
             log.error("geometry worker heartbeat: %s", fault)
