@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -182,7 +183,14 @@ def test_hung_then_dead_worker_restarted_window_retried(tiny_model: Path, tmp_pa
     with_health = [p for p in status.payloads if "health" in p]  # the very last one is "offline" at exit
     assert with_health[-1]["health"] == "ok", with_health[-1]
     assert "missed the" in log and "died during 'window'" in log, log[-5000:]
-    assert "killing it" not in log and "leaked semaphore" not in log and "Caught SIGCHLD" not in log
+    # the normal stop at the end is clean (no kill); the two workers killed on purpose leak the 6 semaphores
+    # of their Jittor compile pool, which the resource tracker then removes (its warning names the count)
+    assert "killing it" not in log and "Caught SIGCHLD" not in log
+    exited = [ln for ln in log.splitlines() if "geometry worker exited" in ln]
+    assert len(exited) == 1 and "exit_code=0" in exited[0], exited
+    leaked = re.findall(r"There appear to be (\d+) leaked semaphore", log)
+    assert sum(map(int, leaked)) <= 6 * 2, leaked
+    print(exited[0])
     print(f"\nrecovery: deadline {deadline:.1f} s; SIGSTOP detected after {detected - t_stop:.1f} s, ok again "
           f"after {t_ok - t_stop:.1f} s; SIGKILL recovery {summary['geometry']['last_recovery_s']:.1f} s "
           f"(kill at +{t_kill - t_stop:.1f} s); dropped {s['dropped']}")
