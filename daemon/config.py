@@ -124,6 +124,13 @@ class GeometryConfig(_Section, frozen=True, kw_only=True):
     force_fixed_focal: bool = True
     use_extract_interp: bool = False
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] = 42
+    window_deadline_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_TIMEOUT_S)] = 0.0
+    deadline_factor: Annotated[float, msgspec.Meta(ge=1.0, le=1000.0)] = 3.0
+    deadline_floor_s: PosSeconds = 60.0
+    heartbeat_s: PosSeconds = 5.0
+    restart_budget: Annotated[int, msgspec.Meta(ge=0)] = 5
+    restart_timeout_s: PosSeconds = 900.0
+    stop_timeout_s: PosSeconds = 15.0
 
 
 class PriorConfig(_Section, frozen=True, kw_only=True):

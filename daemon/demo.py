@@ -197,14 +197,23 @@ def _config_tables(model_dir: Path, clip: Path, args: argparse.Namespace, mqtt_p
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    return asyncio.run(_demo(args))
+    model_dir = Path(args.model_dir).resolve() if args.model_dir else None
+    if model_dir is None:
+        # On the main thread, before the event loop: Jittor's compile pool must belong to the main thread
+        # (see daemon.jittor_env.import_jittor), and nothing else runs yet.
+        from daemon.tiny import make_tiny
+
+        model_dir = Path("var/tiny-model").resolve()
+        _say(f"tiny random-weight model -> {model_dir} (built once, reused)")
+        make_tiny(model_dir, 0)
+    return asyncio.run(_demo(args, model_dir))
 
 
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-async def _demo(args: argparse.Namespace) -> int:
+async def _demo(args: argparse.Namespace, model_dir: Path) -> int:
     t_start = time.monotonic()
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -212,14 +221,6 @@ async def _demo(args: argparse.Namespace) -> int:
     if not clip.exists():
         _say(f"writing a {args.frames}-frame synthetic clip -> {clip}")
         await asyncio.to_thread(synthetic_clip, clip, args.frames, 2 * args.height, 2 * args.width)
-    if args.model_dir:
-        model_dir = Path(args.model_dir).resolve()
-    else:
-        model_dir = Path("var/tiny-model").resolve()
-        _say(f"tiny random-weight model -> {model_dir} (built once, reused)")
-        from daemon.tiny import make_tiny
-
-        await asyncio.to_thread(make_tiny, model_dir, 0)
     broker = None if args.no_mqtt else start_mosquitto(workdir)
     out_dir = workdir / "out"
     shutil.rmtree(out_dir, ignore_errors=True)

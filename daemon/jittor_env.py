@@ -22,6 +22,7 @@ import ctypes
 import os
 import shutil
 import sys
+import threading
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -98,36 +99,73 @@ def configure() -> CudaInfo:
     return cuda
 
 
-def restore_signal_handlers() -> bool:
-    """Undo Jittor's process-wide SIGCHLD and SIGINT handlers (installed when its core library loads).
+# Jittor's core library installs process-wide handlers when it loads (jittor/src/utils/log.cc
+# register_sigaction): SIGCHLD "quick-exits" the whole process when ANY child dies from a signal other than
+# SIGTERM *or is stopped* (the MoGe sidecar or the geometry worker killed by the OOM killer, kill -9, SIGSTOP),
+# and SIGINT quick-exits too, bypassing the daemon's supervision and graceful shutdown. Python's
+# ``signal.signal`` only works on the main thread, so the raw dispositions are saved before the import and put
+# back after it with libc's sigaction(2), which works from any thread (the demo imports Jittor in
+# ``asyncio.to_thread``). Jittor keeps its SIGSEGV/SIGBUS/SIGFPE trace handlers.
+_GUARDED_SIGNALS = ("SIGCHLD", "SIGINT")
+_SIGACTION_BYTES = 256  # >= sizeof(struct sigaction) on every Linux ABI (152 on x86-64); treated as opaque
 
-    Jittor's handler "quick-exits" the whole process when ANY child dies from a signal other than SIGTERM
-    (e.g. the MoGe sidecar killed by the OOM killer or kill -9), and on SIGINT, bypassing the daemon's
-    supervision and graceful shutdown. Python's defaults are put back; Jittor keeps its SIGSEGV/SIGBUS/SIGFPE
-    trace handlers. Only possible from the main thread: returns False (and the caller must call this again
-    from the main thread) elsewhere.
-    """
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def save_signal_dispositions() -> dict[int, ctypes.Array[ctypes.c_char]]:
+    """The raw ``struct sigaction`` of each guarded signal, as the kernel holds it now."""
     import signal
-    import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    return True
+    libc = _libc()
+    saved = {}
+    for name in _GUARDED_SIGNALS:
+        signum = int(getattr(signal, name))
+        buf = ctypes.create_string_buffer(_SIGACTION_BYTES)
+        if libc.sigaction(signum, None, buf) != 0:
+            raise OSError(ctypes.get_errno(), f"sigaction({name}) query failed")
+        saved[signum] = buf
+    return saved
+
+
+def restore_signal_dispositions(saved: dict[int, ctypes.Array[ctypes.c_char]]) -> None:
+    """Put back what :func:`save_signal_dispositions` returned (any thread)."""
+    libc = _libc()
+    for signum, buf in saved.items():
+        if libc.sigaction(signum, buf, None) != 0:
+            raise OSError(ctypes.get_errno(), f"sigaction({signum}) restore failed")
+
+
+def signal_handler_address(signum: int) -> int:
+    """The handler pointer currently installed for ``signum`` (0 = SIG_DFL, 1 = SIG_IGN); for tests."""
+    buf = ctypes.create_string_buffer(_SIGACTION_BYTES)
+    if _libc().sigaction(signum, None, buf) != 0:
+        raise OSError(ctypes.get_errno(), "sigaction query failed")
+    return int(ctypes.c_void_p.from_buffer(buf).value or 0)
 
 
 def import_jittor() -> ModuleType:
     """Configure the environment, import Jittor, and select CUDA when it is usable.
 
-    Import it first from the main thread (the daemon does at startup) so that Jittor's process-wide signal
-    handlers can be removed (see :func:`restore_signal_handlers`).
+    Safe from any thread: Jittor's process-wide SIGCHLD/SIGINT handlers never survive the first import
+    (see ``_GUARDED_SIGNALS``). Off the main thread Jittor's compile pool is turned off as well: its workers
+    are forked with PR_SET_PDEATHSIG=SIGKILL, which fires when the *thread* that forked them exits, so a pool
+    made in a worker thread is killed under Jittor's feet (the SIGCHLD ``si_status: 9`` of the first
+    ``geometryd demo``) and its atexit cleanup then waits forever for a lock a killed worker held. Kernels
+    are then compiled one by one; commands do their Jittor work on the main thread.
     """
     first_import = "jittor" not in sys.modules
     cuda = configure()
+    if first_import:
+        if threading.current_thread() is not threading.main_thread():
+            os.environ["DISABLE_MULTIPROCESSING"] = "1"
+        saved = save_signal_dispositions()
+        try:
+            import jittor
+        finally:
+            restore_signal_dispositions(saved)
     import jittor
 
-    if first_import:
-        restore_signal_handlers()
     jittor.flags.use_cuda = 1 if cuda.driver_ok and jittor.has_cuda else 0
     return jittor

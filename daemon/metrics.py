@@ -72,6 +72,8 @@ class Metrics:
         self.source_errors = Counter("geometryd_source_errors", "Source errors", ["source", "kind"],
                                      registry=r)
         self.sidecar_restarts = Gauge("geometryd_sidecar_restarts", "Prior sidecar restarts", registry=r)
+        self.geometry_restarts = Gauge("geometryd_geometry_restarts",
+                                       "Geometry worker restarts (hung or crashed worker)", registry=r)
         self.mqtt_reconnects = Gauge("geometryd_mqtt_reconnects", "MQTT reconnects", registry=r)
         self.mqtt_published = Gauge("geometryd_mqtt_published", "MQTT messages published", registry=r)
         self.mqtt_dropped = Gauge("geometryd_mqtt_dropped", "MQTT messages dropped", registry=r)

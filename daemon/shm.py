@@ -114,6 +114,23 @@ class _Layout:
         return _align(self.mask_offset + self.n_slots * self.height * self.width)
 
 
+def ring_bytes(n_slots: int, height: int, width: int) -> int:
+    """Size of one ring's segment (frames, priors, masks and slot metadata)."""
+    return _Layout(n_slots, height, width).size
+
+
+def check_shm_room(needed: int, shm_dir: Path = SHM_DIR) -> None:
+    """Refuse to start when ``shm_dir`` cannot hold ``needed`` bytes: segments are sparse, so a full tmpfs
+    would only show up later as SIGBUS on a frame write."""
+    import shutil
+
+    free = shutil.disk_usage(shm_dir).free
+    if free < needed:
+        raise ShmError(f"shared memory: the rings need {needed / 2**20:.1f} MiB in {shm_dir} but only "
+                       f"{free / 2**20:.1f} MiB are free (enlarge it, e.g. docker --shm-size, or lower "
+                       "geometry.height/width, window_size or daemon.shm_slack_frames)")
+
+
 def segment_name(source: str, pid: int | None = None) -> str:
     """`geometryd-<pid>-<source>` (the pid is the owner's, so staleness can be decided from the name)."""
     if not _SOURCE_RE.match(source):

@@ -33,6 +33,7 @@ from typing import Any
 
 from daemon import sdnotify
 from daemon.metrics import Metrics
+from daemon.progress import STALLED, ProgressMonitor
 from daemon.stages.preview import PreviewScale, make_preview
 from daemon.stages.window import Admission, FrameMeta, Verdict, Window, WindowBuilder, ring_slots
 
@@ -88,6 +89,10 @@ class _StoppedDuringStartup(Exception):
     pass
 
 
+class _SourceFailed(Exception):
+    """A source's task group ends for a reason already logged (no traceback)."""
+
+
 @dataclasses.dataclass
 class LagStats:
     samples: list[float] = dataclasses.field(default_factory=list)
@@ -125,10 +130,14 @@ class Daemon:
         self.webrtc: Any = None  # daemon.stages.ingest_webrtc.WebrtcSources (with the HTTP server)
         self.hub: Any = None  # daemon.viewer.hub.ResultsHub (with the HTTP server)
         self.warmup_s: float | None = None  # one warm-up window's seconds (capacity, daemon/cluster/)
+        self.progress = ProgressMonitor(time.monotonic())  # the watchdog's view of the geometry stage
+        self._reported_reasons: list[str] = []
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     def fatal(self, why: str) -> None:
         """An unrecoverable fault: stop everything and exit 1 (systemd restarts the service)."""
+        if self.failed:
+            return  # one reason line; later faults are consequences
         log.error("fatal: %s", why)
         self.failed = True
         self.request_stop(why)
@@ -138,10 +147,25 @@ class Daemon:
             log.info("stop requested", extra={"reason": why})
             self.stop_event.set()
 
+    def _on_signal(self, name: str) -> None:
+        """First SIGTERM/SIGINT: graceful stop. A second one: kill the children and exit now (uvicorn)."""
+        if not self.stop_event.is_set():
+            self.request_stop(name)
+            return
+        log.error("second %s: forcing exit", name)
+        if self.worker is not None:
+            self.worker.shutdown()
+        for r in self.runners.values():
+            if r.ring is not None:
+                with contextlib.suppress(Exception):
+                    r.ring.unlink()
+        logging.shutdown()
+        os._exit(1)
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop, sig.name)
+            loop.add_signal_handler(sig, self._on_signal, sig.name)
         rc = 0
         tick = asyncio.create_task(self._tick(), name="tick")
         try:
@@ -159,8 +183,7 @@ class Daemon:
             log.info("stopped during startup")
             self.aborted_startup = True
         except Exception as exc:
-            log.error("daemon failed: %s: %s", type(exc).__name__, exc)
-            log.debug("traceback", exc_info=True)
+            log.error("daemon failed: %s: %s", type(exc).__name__, exc, exc_info=True)
             rc = 1
         finally:
             tick.cancel()
@@ -207,7 +230,7 @@ class Daemon:
             await stack.enter_async_context(http)
             log.info("http listening", extra={"bind": cfg.http.bind, "port": http.port})
 
-        from daemon.shm import cleanup_stale_segments
+        from daemon.shm import FrameRing, check_shm_room, cleanup_stale_segments, ring_bytes
 
         from daemon.stages.prior import cleanup_stale_prior_dirs
 
@@ -217,17 +240,18 @@ class Daemon:
         removed = await asyncio.to_thread(cleanup_stale_prior_dirs)
         if removed:
             log.info("removed stale prior sidecar folders", extra={"folders": ",".join(removed)})
+        g = cfg.geometry
+        runners = [SourceRunner(self, name, src) for name, src in cfg.sources.items()]
+        slots = {r.name: ring_slots(g.window_size, g.overlap, r.admission.bound, cfg.daemon.shm_slack_frames)
+                 for r in runners}
+        check_shm_room(sum(ring_bytes(n, g.height, g.width) for n in slots.values()))  # before any model load
 
         await self._start_sidecar(stack)
         await self._load_pipeline(stack)
         await self._start_publishers(stack)
 
-        from daemon.shm import FrameRing
-
-        g = cfg.geometry
-        for name, src in cfg.sources.items():
-            runner = SourceRunner(self, name, src)
-            n_slots = ring_slots(g.window_size, g.overlap, runner.admission.bound, cfg.daemon.shm_slack_frames)
+        for runner in runners:
+            name, src, n_slots = runner.name, runner.src, slots[runner.name]
             runner.ring = FrameRing.create(name, n_slots, g.height, g.width)
             stack.push_async_callback(self._close_ring, runner.ring)
             self.runners[name] = runner
@@ -238,7 +262,9 @@ class Daemon:
         from daemon.stages.prior import PriorSidecar
 
         ckpt = self.cfg.prior_checkpoint()
-        self.sidecar = PriorSidecar(self.cfg.prior, ckpt)  # interpreter: prior.python or ours
+        lg = self.cfg.logging
+        self.sidecar = PriorSidecar(self.cfg.prior, ckpt, log_level=lg.level,  # interpreter: prior.python or ours
+                                    log_format=lg.format)
         log.info("starting prior sidecar", extra={"checkpoint": str(ckpt)})
         await self.sidecar.start()
         stack.push_async_callback(self._stop_sidecar)
@@ -248,7 +274,7 @@ class Daemon:
             await self.sidecar.stop()
 
     async def _load_pipeline(self, stack: contextlib.AsyncExitStack) -> None:
-        from daemon.stages.geometry import GeometryWorker, ProcessorSpec, SessionParams
+        from daemon.stages.geometry import GeometryWorker, ProcessorSpec, SessionParams, WorkerPolicy
 
         cfg = self.cfg
         params = SessionParams.from_config(cfg.geometry, cfg.streaming)
@@ -260,8 +286,9 @@ class Daemon:
             spec = ProcessorSpec("pipeline", params, cfg.model.dir, cfg.model.variant, cfg.model.dtype,
                                  cfg.geometry.low_memory, log_level=cfg.logging.level,
                                  log_format=cfg.logging.format)
-        self.worker = GeometryWorker(spec)
-        stack.push_async_callback(self.worker.stop, 2.0)
+        self.worker = GeometryWorker(spec, WorkerPolicy.from_config(cfg.geometry))
+        self.worker.on_unavailable = self.fatal
+        stack.push_async_callback(self.worker.stop)
         log.info("loading pipeline in the geometry worker process",
                  extra={"model_dir": cfg.model.dir, "variant": cfg.model.variant, "dtype": cfg.model.dtype,
                         "processor": spec.kind})
@@ -271,7 +298,8 @@ class Daemon:
                         "size": f"{params.height}x{params.width}"})
         secs = await self.worker.warm_up()
         self.warmup_s = secs
-        log.info("warm-up done", extra={"seconds": round(secs, 2)})
+        log.info("warm-up done", extra={"seconds": round(secs, 2),
+                                        "window_deadline_s": round(self.worker.deadline_s, 2)})
 
     async def _start_publishers(self, stack: contextlib.AsyncExitStack) -> None:
         cfg = self.cfg
@@ -294,6 +322,7 @@ class Daemon:
     async def _serve(self) -> int:
         tasks = {name: asyncio.create_task(r.run(), name=f"source-{name}") for name, r in self.runners.items()}
         self.state = "ready"
+        self.progress.progress(time.monotonic())
         sdnotify.notify(f"READY=1\nSTATUS=serving {len(tasks)} source(s)\nMAINPID={os.getpid()}")
         log.info("ready", extra={"sources": len(tasks)})
         file_sources = [n for n, r in self.runners.items() if r.src.type == "file"]
@@ -369,12 +398,16 @@ class Daemon:
                     self.lag.busy_samples.append(lag)
             now = time.monotonic()
             self._update_gauges()
+            reasons = self.degraded_reasons(now)
+            if reasons != self._reported_reasons:
+                self._reported_reasons = reasons
+                await self._on_health_change(reasons)
             if now - last_ping >= interval:
                 last_ping = now
                 if self.state == "starting":
                     # pipeline warm-up may take minutes: ask systemd for more start time, in steps
                     sdnotify.notify(f"EXTEND_TIMEOUT_USEC={int(3 * interval * 1e6)}")
-                elif self.state == "ready" and lag < interval:
+                elif self.state == "ready" and lag < interval and STALLED not in reasons:
                     sdnotify.notify("WATCHDOG=1")
                 elif self.state == "stopping":
                     sdnotify.notify(f"EXTEND_TIMEOUT_USEC={int(3 * interval * 1e6)}")
@@ -383,6 +416,8 @@ class Daemon:
         m = self.metrics
         if self.sidecar is not None:
             m.sidecar_restarts.set(getattr(self.sidecar, "restarts", 0))
+        if self.worker is not None:
+            m.geometry_restarts.set(self.worker.restarts)
         if self.mqtt is not None:
             m.mqtt_reconnects.set(getattr(self.mqtt, "reconnects", 0))
             m.mqtt_published.set(getattr(self.mqtt, "published", 0))
@@ -391,7 +426,34 @@ class Daemon:
         jt = sys.modules.get("jittor")
         m.update_device_memory(jt)
 
-    # ---- health / summary ------------------------------------------------------------------------------
+    # ---- progress / health / summary -------------------------------------------------------------------
+    def degraded_reasons(self, now: float | None = None) -> list[str]:
+        """Every reason the daemon is not fully serving: the pipeline's progress (daemon/progress.py; bare
+        codes) and the services' state (``"<code>: <detail>"``). Empty: healthy."""
+        if self.state != "ready":
+            return []
+        return self.progress_reasons(now) + self.service_reasons(self._sidecar_up(),
+                                                                  self.worker is not None and self.worker.alive)
+
+    def progress_reasons(self, now: float | None = None) -> list[str]:
+        """Why the pipeline is not making progress (empty: it is), see daemon/progress.py."""
+        now = time.monotonic() if now is None else now
+        w = self.worker
+        if self.state != "ready" or w is None:
+            return []
+        pending = any(r.waiting > 0 or r.in_geometry for r in self.runners.values())
+        return self.progress.reasons(now, pending=pending, restarting=w.restarting, deadline_s=w.deadline_s)
+
+    async def _on_health_change(self, reasons: list[str]) -> None:
+        if reasons:
+            log.warning("degraded", extra={"reasons": ",".join(reasons)})
+        else:
+            log.info("healthy again")
+        if self.mqtt is not None:
+            for name, r in self.runners.items():
+                with contextlib.suppress(Exception):
+                    await self.mqtt.publish_status(name, r.status_dict())
+
     def health(self) -> dict[str, Any]:
         now = time.monotonic()
         sources = {}
@@ -406,15 +468,18 @@ class Daemon:
         sidecar_up = self._sidecar_up()
         mqtt_connected = None if self.mqtt is None else self.mqtt.connected
         worker_up = self.worker is not None and self.worker.alive
-        degraded = self.degraded_reasons(sidecar_up, worker_up)
-        ok = self.state == "ready" and not degraded
-        return {"ok": ok, "state": self.state, "degraded": degraded, "sources": sources,
+        reasons = self.degraded_reasons(now)
+        ok = self.state == "ready" and not reasons
+        return {"ok": ok, "state": self.state, "degraded": reasons, "sources": sources,
                 "sidecar_up": sidecar_up,
                 "geometry_worker_up": worker_up,
+                "status": "degraded" if reasons else ("ok" if ok else self.state), "reasons": reasons,
+                "geometry_restarts": getattr(self.worker, "restarts", 0),
+                "geometry_deadline_s": getattr(self.worker, "deadline_s", None),
                 "mqtt_connected": mqtt_connected,
                 "loop_lag_ms": round(1e3 * self.lag.samples[-1], 3) if self.lag.samples else None}
 
-    def degraded_reasons(self, sidecar_up: bool, worker_up: bool) -> list[str]:
+    def service_reasons(self, sidecar_up: bool, worker_up: bool) -> list[str]:
         """Why the daemon is not fully serving, one ``"<code>: <detail>"`` per cause (empty = healthy).
         Components append their own codes here (the list is additive)."""
         reasons: list[str] = []
@@ -453,6 +518,9 @@ class Daemon:
                                                  "latency_s": _quantiles(c.preview_latencies)},
                                     "window_fps": c.window_fps}
         out["sidecar_restarts"] = getattr(self.sidecar, "restarts", None)
+        out["geometry"] = {"restarts": getattr(self.worker, "restarts", None),
+                           "window_deadline_s": getattr(self.worker, "deadline_s", None),
+                           "last_recovery_s": getattr(self.worker, "last_recovery_s", None)}
         if self.mqtt is not None:
             d = getattr(self.mqtt, "dropped", None)
             out["mqtt"] = {"published": getattr(self.mqtt, "published", None),
@@ -506,6 +574,8 @@ class SourceRunner:
         self.ingest_cut = False  # the feeder was cancelled by a stop before its ingest ended
         self.inflight: dict[int, FrameMeta] = {}  # admitted, not yet published, by seq
         self.waiting = 0  # windows emitted but not yet started by geometry
+        self.in_geometry = False  # a window of this source is in the geometry worker
+        self._session_gen = 1  # worker generation that holds this source's StreamingSession
         self._space = asyncio.Condition()
         self._seq = 0
         self._frame_index = 0
@@ -552,8 +622,10 @@ class SourceRunner:
 
     def status_dict(self) -> dict[str, Any]:
         c = self.d.metrics.source(self.name)
+        reasons = self.d.degraded_reasons()
         return {"state": self.state, "frames_in": c.frames_in, "frames_out": c.frames_out,
-                "skipped": c.skipped, "dropped": c.dropped_total}
+                "skipped": c.skipped, "dropped": c.dropped_total,
+                "health": "degraded" if reasons else "ok", "reasons": reasons}
 
     async def run(self) -> None:
         self._feeder = asyncio.create_task(self._feed(), name=f"feed-{self.name}")
@@ -566,6 +638,8 @@ class SourceRunner:
             if self.state != "failed":
                 # cut off by a stop (SIGTERM): a live source never "ends", a file source did not reach its end
                 self.state = "stopped" if self.ingest_cut else "done"
+        except _SourceFailed as exc:  # already logged as the daemon's fatal reason
+            self.state, self.error = "failed", str(exc)
         except Exception as exc:
             self.state, self.error = "failed", str(exc)
             log.exception("source failed", extra={"source": self.name})
@@ -799,9 +873,10 @@ class SourceRunner:
 
     # ---- geometry + publish ----------------------------------------------------------------------------
     async def _geometry_loop(self) -> None:
-        from daemon.stages.geometry import GeometryWorkerDied
+        from daemon.stages.geometry import GeometryFault, GeometryUnavailable
 
         m = self.d.metrics
+        worker = self.d.worker
         while (win := await self.geo_q.get()) is not _END:
             self.waiting -= 1
             async with self._space:
@@ -811,13 +886,20 @@ class SourceRunner:
                 self._release(win)
                 continue
             t0 = time.monotonic()
+            self.in_geometry = True
             try:
-                results = await self.d.worker.push_window(self.name, self.ring, win.refs, win.first_seq)
-            except GeometryWorkerDied:
-                self._drop_frames(win.new_metas, "geometry_error")
+                results = await worker.push_window(self.name, self.ring, win.refs, win.first_seq)
+            except GeometryUnavailable as exc:
+                self._drop_through(win, worker.last_fault or "geometry_crash")
                 self._release(win)
-                self.d.fatal("geometry worker died")
-                raise
+                self.d.fatal(str(exc))
+                raise _SourceFailed(str(exc)) from None
+            except GeometryFault as exc:  # retried once on a restarted worker: the window is dropped
+                self._drop_through(win, exc.reason)
+                self._release(win)
+                self._session_gen = worker.generation
+                self.error = str(exc)
+                continue
             except Exception as exc:
                 log.exception("geometry failed for window", extra={"source": self.name,
                                                                    "window": win.window_id})
@@ -825,17 +907,45 @@ class SourceRunner:
                 self._release(win)
                 self.error = str(exc)
                 continue
+            finally:
+                self.in_geometry = False
             dt = time.monotonic() - t0
+            if self._session_gen != worker.generation:  # restarted: our held-back frames died with it
+                self._drop_before(win.first_seq, worker.last_fault or "geometry_crash")
+                self._session_gen = worker.generation
+            self.d.progress.progress(time.monotonic())
             m.observe_stage("geometry", self.name, dt)
             m.windows.labels(self.name).inc()
             self.windows_done += 1
             self.admission.note_window(win.n_new, max(dt, win.prior_s), win.window_id)  # the two stages overlap
             self._release(win)
             await self._publish(results)
-        results = await self.d.worker.flush(self.name)
+        try:
+            results = await worker.flush(self.name)
+        except GeometryUnavailable as exc:
+            self.d.fatal(str(exc))
+            results = []
+        except GeometryFault:
+            results = []
         await self._publish(results)
+        if self._session_gen != worker.generation and self.inflight:  # held back by a worker that died
+            self._drop_before(self._seq, worker.last_fault or "geometry_crash")
         for ref in self.builder.release_carry():
             self.ring.release(ref)
+
+    def _drop_before(self, seq: int, reason: str) -> None:
+        """Count admitted frames below ``seq`` that have no result (held back in a lost session)."""
+        lost = [s for s in self.inflight if s < seq]
+        for s in lost:
+            del self.inflight[s]
+        if lost:
+            log.warning("frames held by the lost geometry session dropped",
+                        extra={"source": self.name, "frames": len(lost), "reason": reason})
+        self.d.metrics.drop(self.name, reason, len(lost))
+
+    def _drop_through(self, win: Window, reason: str) -> None:
+        """A window that failed for good: its frames and every earlier frame still without a result."""
+        self._drop_before(win.metas[-1].seq + 1, reason)
 
     def _release(self, win: Window) -> None:
         for ref in self.builder.done(win):

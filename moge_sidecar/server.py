@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run one dummy inference before announcing ready (first-call overheads)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-format", default="", choices=("", "text", "json"),
+                   help="the daemon's logging.format (default: a plain line with the pid)")
     return p
 
 
@@ -254,10 +256,24 @@ class Server:
                 "write_ms": t_write * 1e3, "total_ms": (time.perf_counter() - t_start) * 1e3}
 
 
+def _set_process_title(title: str) -> None:
+    try:
+        import setproctitle
+    except ImportError:  # e.g. a separate prior.python venv without it: keep the interpreter's name
+        return
+    setproctitle.setproctitle(title)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s moge_sidecar[%(process)d] %(levelname)s %(message)s")
+    _set_process_title("geometryd: sidecar")
+    if args.log_format:
+        from daemon.logging_setup import setup_logging
+
+        setup_logging(args.log_level, args.log_format)
+    else:
+        logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                            format="%(asctime)s moge_sidecar[%(process)d] %(levelname)s %(message)s")
     if args.parent_pid is not None:
         threading.Thread(target=_watch_parent, args=(args.parent_pid,), name="parent-watch",
                          daemon=True).start()

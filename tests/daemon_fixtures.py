@@ -117,6 +117,7 @@ class NotifySocket:
         self.sock.bind(self.path)
         self.sock.settimeout(0.2)
         self.messages: list[str] = []
+        self.timed: list[tuple[float, str]] = []  # (time.monotonic() at arrival, line)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -129,7 +130,10 @@ class NotifySocket:
                 continue
             except OSError:
                 return
-            self.messages.extend(data.decode().splitlines())
+            lines = data.decode().splitlines()
+            now = time.monotonic()
+            self.timed.extend((now, ln) for ln in lines)
+            self.messages.extend(lines)
 
     def wait_for(self, line: str, timeout: float) -> bool:
         end = time.monotonic() + timeout

@@ -84,7 +84,7 @@ class PriorSidecar:
     def __init__(self, prior_cfg: Any, checkpoint: Path, *, chunk: int = 8, moge_version: int = 1,
                  ping_interval_s: float = 5.0, ping_timeout_s: float = 10.0, max_attempts: int = 3,
                  backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0, threads: int = 0,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, log_level: str = "", log_format: str = "") -> None:
         self.cfg = prior_cfg
         self.checkpoint = Path(checkpoint)
         self.chunk = chunk
@@ -96,6 +96,7 @@ class PriorSidecar:
         self.backoff_max_s = backoff_max_s
         self.threads = threads
         self.extra_env = dict(extra_env or {})
+        self.log_level, self.log_format = log_level, log_format  # the daemon's [logging]; "" = sidecar default
         # counters (metrics)
         self.restarts = 0
         self.requests = 0
@@ -180,6 +181,10 @@ class PriorSidecar:
             cmd.append("--fp16")
         if self.threads:
             cmd += ["--threads", str(self.threads)]
+        if self.log_level:
+            cmd += ["--log-level", self.log_level]
+        if self.log_format:
+            cmd += ["--log-format", self.log_format]
         return cmd
 
     async def _spawn(self) -> None:
