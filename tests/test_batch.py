@@ -66,15 +66,18 @@ def _manifest(out: Path) -> list[dict]:
 
 def _assert_equal_npz(got: Path, want: Path, *, ulp: bool = False) -> None:
     """Bit-equal; with ``ulp``: a few elements may differ by one float16 step (Ray actors run their CPU math
-    with another thread count than this process: 114 of 61440 elements, max rel 9.7e-4 measured)."""
+    with another thread count than this process: 114 of 61440 elements, max rel 9.7e-4 measured), and a few
+    mask pixels on the threshold may flip."""
     a, b = np.load(got), np.load(want)
     assert sorted(a.files) == ["mask", "point_map"]
     assert a["point_map"].dtype == np.float16 and a["mask"].dtype == bool
     assert a["point_map"].shape == b["point_map"].shape == (T, 64, 64, 3)
-    np.testing.assert_array_equal(a["mask"], b["mask"])
     if not ulp:
+        np.testing.assert_array_equal(a["mask"], b["mask"])
         np.testing.assert_array_equal(a["point_map"], b["point_map"])
         return
+    # the mask thresholds a decoded value: one float16 step flips a few pixels (5 of 20480 measured)
+    assert np.mean(a["mask"] != b["mask"]) < 1e-3
     x, y = a["point_map"].astype(np.float32), b["point_map"].astype(np.float32)
     np.testing.assert_allclose(x, y, rtol=3e-3, atol=0)
     assert np.mean(x != y) < 0.01

@@ -55,7 +55,7 @@ def _sidecar_pid(daemon_pid: int) -> int:
             cmd = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == daemon_pid and b"moge_sidecar" in cmd:
+        if int(stat.rsplit(")", 1)[1].split()[1]) == daemon_pid and (b"moge_sidecar" in cmd or cmd.startswith(b"geometryd: sidecar")):
             return int(entry.name)
     raise AssertionError("no sidecar child")
 

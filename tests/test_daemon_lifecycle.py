@@ -28,9 +28,12 @@ from test_geometry_recovery import _wait
 def test_shm_too_small_is_refused_with_sizes_and_a_traceback(tiny_model: Path, tmp_path: Path,
                                                              daemon_procs: list) -> None:
     clip = make_clip(tmp_path / "clip.mp4", 4)
-    # 4096x4096 frames, 288 slots: ~77 GB of rings, more than any CI /dev/shm
-    sections = base_sections(tiny_model, geometry={"height": 4096, "width": 4096, "window_size": 110,
-                                                   "overlap": 25})
+    # 2048x2048 frames (the largest size the config allows), ~2300 slots: ~150 GB of rings, more than any
+    # CI /dev/shm
+    sections = base_sections(tiny_model, geometry={"height": 2048, "width": 2048, "window_size": 110,
+                                                   "overlap": 25},
+                             daemon={"shutdown_grace_s": 60.0, "watchdog_interval_s": 0.5,
+                                     "shm_slack_frames": 2000})
     cfg = write_config(tmp_path / "cfg.toml", sections, {"c": {"type": "file", "path": str(clip)}})
     d = DaemonProcess(cfg, tmp_path)
     daemon_procs.append(d)

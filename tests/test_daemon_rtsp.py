@@ -85,4 +85,4 @@ def test_rtsp_frames_then_server_restart_reconnects(tiny_model: Path, tmp_path: 
     s = assert_balanced(d.summary(), "cam")
     assert s["reconnects"] >= 1
     log = d.log_text()
-    assert "secretpw" not in log and "rtsp://***@127.0.0.1" in log
+    assert "secretpw" not in log and "rtsp://***:***@127.0.0.1" in log

@@ -181,7 +181,8 @@ def test_broker_restart_mid_stream_counts_drops(tiny_model: Path, tmp_path: Path
             sections = base_sections(tiny_model, mqtt_port=broker.port, http_port=http_port,
                                      mqtt={"outbox_size": 10, "publish_points": False})
             cfg = write_config(tmp_path / "cfg.toml", sections,
-                               {"cam": {"type": "file", "path": str(clip)}})  # not live: nothing skipped
+                               # not live: nothing skipped; no preview tier: one message per frame
+                               {"cam": {"type": "file", "path": str(clip), "preview": False}})
             d = DaemonProcess(cfg, tmp_path)
             daemon_procs.append(d)
             _wait(lambda: len(sub.frames) >= 4, START_TIMEOUT, "first frames", d)

@@ -201,6 +201,12 @@ def test_broker_down_at_start_never_raises() -> None:
 
     async def scenario() -> MqttPublisher:
         async with MqttPublisher(cfg, ["cam"]) as pub:
+            # publish once the first connect attempt has failed: drops before it cannot know the cause
+            # (they would be outbox_full)
+            for _ in range(200):
+                if pub.connect_failures >= 1:
+                    break
+                await asyncio.sleep(0.01)
             for i in range(10):
                 await pub.publish_frame("cam", make_frame(i, 8, 8), 0.0)
             assert not await pub.wait_connected(0.3)

@@ -91,8 +91,11 @@ def running(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         sections["http"]["token"] = TOKEN
         sections["overload"] = {"policy": "skip", "max_queued_windows": 1}
         sections["daemon"]["shutdown_grace_s"] = 5.0  # frames cut off at the end count as dropped{shutdown}
+        # "clip" is a file source (WHIP must answer 404 for it) that fails at run time: the file exists (the
+        # config check requires it) but is not a video
+        (tmp / "broken.mp4").write_bytes(b"not a video")
         cfg = write_config(tmp / "cfg.toml", sections, {"cam": {"type": "webrtc"}, "clip": {
-            "type": "file", "path": str(tmp / "missing.mp4")}})
+            "type": "file", "path": str(tmp / "broken.mp4")}})
         sub = Subscriber(broker.port, source="cam")
         d = DaemonProcess(cfg, tmp, exit_when_done=False)
         r = Running(d, http_port, broker, sub)
