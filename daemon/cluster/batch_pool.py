@@ -10,6 +10,7 @@ video it held (reported in the manifest) and is restarted once by Ray; one that 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,12 @@ def _run_pool(ray: Any, opts: ProcessOptions, jobs: list[tuple[Path, Path]],
         gpus = cluster_gpus()
         workers = max(1, int(gpus / gpus_per_worker)) if gpus_per_worker > 0 and gpus else 1
     workers = min(workers, len(jobs))
-    actor_cls = ray.remote(num_gpus=gpus_per_worker, num_cpus=ACTOR_CPUS, max_restarts=1,
-                           max_task_retries=0)(BatchActor)
+    # Ray sets OMP_NUM_THREADS=1 in an actor that asks for less than one CPU; the host-side math (Jittor's
+    # OpenMP kernels, oneDNN) then sums in another order than `geometryd process` and results differ by
+    # float16 steps. Give the actor this process's thread count: the same numbers as the serial path.
+    threads = os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count() or 1)
+    actor_cls = ray.remote(num_gpus=gpus_per_worker, num_cpus=ACTOR_CPUS, max_restarts=1, max_task_retries=0,
+                           runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}})(BatchActor)
     actors = [actor_cls.remote(opts, f"batch-{i}") for i in range(workers)]
     log.info("ray batch pool", extra={"workers": workers, "gpus_per_worker": gpus_per_worker,
                                       "videos": len(jobs)})
