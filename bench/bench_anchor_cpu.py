@@ -1,6 +1,6 @@
 """The CPU anchor (issue 19): geometryd's pipeline vs the torch reference pipeline, per stage, same run.
 
-Both sides get the same tiny random weights in the official layout (``daemon.tiny.make_tiny``, MoGe left
+Both sides get the same tiny random weights in the official layout (``daemon.weights.tiny.make_tiny``, MoGe left
 out), the same frames and priors (``tests.pipeline_fixtures.synthetic_clip``), the same injected noise, fp32.
 The torch side is ``tests/torch_ref_pipeline.TorchRefPipeline`` (diffusers/transformers networks + the torch
 point-map VAE reference); its stages are cut at the same boundaries as geometryd's ``GeometryOutput.timings``
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from daemon.model.conv_cpu import backend
-    from daemon.tiny import PARTS, make_tiny
+    from daemon.weights.tiny import PARTS, make_tiny
 
     cfg = SHORT if args.short else ANCHOR
 

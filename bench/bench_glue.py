@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
 from daemon import pipeline as P  # noqa: E402
 from daemon import resample  # noqa: E402
 from daemon.model.scheduler import make_schedule  # noqa: E402
-from daemon.prior_post import Q_HI, Q_LO, compute_stats, prior_to_x4  # noqa: E402
+from daemon.model.prior_post import Q_HI, Q_LO, compute_stats, prior_to_x4  # noqa: E402
 
 SHORT_ARGS = ["--sizes", "384x640", "--window", "22", "--stride", "17", "--repeats", "2"]  # CI: ~1/5 window
 TARGET_MS = 10.0  # issue #16: all host glue of one window <= 10 ms per new frame at 384x640 on 2 cores

@@ -78,7 +78,7 @@ def _svd_torch() -> tuple[Run, Callable[[Path], None]]:
     import torch
     from diffusers import AutoencoderKLTemporalDecoder
 
-    from daemon.tiny_configs import TINY_SVD_VAE
+    from daemon.weights.configs import TINY_SVD_VAE
 
     torch.manual_seed(0)
     m = AutoencoderKLTemporalDecoder(**TINY_SVD_VAE).eval()
@@ -117,7 +117,7 @@ def _pmap_torch(part: str) -> Callable[[], tuple[Run, Callable[[Path], None]]]:
         import torch
         from safetensors.torch import save_file
 
-        from daemon.tiny_configs import TINY_POINT_MAP_VAE
+        from daemon.weights.configs import TINY_POINT_MAP_VAE
         from tests.torch_ref_pmap_vae import TorchPointMapVae
 
         torch.manual_seed(1)
@@ -175,7 +175,7 @@ def _clip_torch() -> tuple[Run, Callable[[Path], None]]:
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from daemon.tiny_configs import TINY_CLIP_VISION
+    from daemon.weights.configs import TINY_CLIP_VISION
 
     torch.manual_seed(2)
     m = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP_VISION)).eval()
@@ -215,7 +215,7 @@ def _unet_torch() -> tuple[Run, Callable[[Path], None]]:
     import torch
     from diffusers import UNetSpatioTemporalConditionModel
 
-    from daemon.tiny_configs import TINY_UNET
+    from daemon.weights.configs import TINY_UNET
 
     torch.manual_seed(3)
     m = UNetSpatioTemporalConditionModel(**TINY_UNET, in_channels=12).eval()

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from daemon.pipeline import window_plan
-from daemon.prior_post import compute_stats
-from daemon.streaming_stats import FrameNorm, PolicyParams, StreamStats
+from daemon.model.prior_post import compute_stats
+from daemon.model.streaming_stats import FrameNorm, PolicyParams, StreamStats
 
 FRAMES, CUT, H0, W0 = 330, 220, 48, 64
 FOCAL = 0.8  # focal length / image width

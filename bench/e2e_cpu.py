@@ -3,7 +3,7 @@ process with the real sidecar (tiny random-weight MoGe), shared-memory ring, win
 
 Two modes, reported separately and never mixed:
 
-- ``pipeline``: the whole tiny random-weight Jittor GeometryCrafter (``daemon.tiny.make_tiny``) at the
+- ``pipeline``: the whole tiny random-weight Jittor GeometryCrafter (``daemon.weights.tiny.make_tiny``) at the
   working size ``work_height x work_width`` (the clip is resized to it inside the pipeline);
 - ``plumbing``: PLUMBING ONLY -- the geometry stage is the identity processor (result = prior,
   ``daemon.stages.geometry.IdentityGeometry``); it measures ingest, shm, sidecar, windows and MQTT, NOT
@@ -178,7 +178,7 @@ def _log_times(stderr: str) -> dict[str, float]:
 def run_mode(label: str, p: E2EParams, work: Path, model_dir: Path, clip: Path) -> dict[str, Any]:
     """Run ``geometryd run --exit-when-done`` once; ``label`` is ``<mode>`` or ``<mode>-<tag>`` (e.g.
     ``plumbing-realtime``) with mode in :data:`MODES`. Returns the measured record."""
-    from daemon.demo import start_mosquitto
+    from daemon.commands.demo import start_mosquitto
 
     mode = label.split("-", 1)[0]
     if mode not in MODES:
@@ -242,11 +242,11 @@ def run_mode(label: str, p: E2EParams, work: Path, model_dir: Path, clip: Path) 
 def run_e2e(plan: dict[str, E2EParams], work: Path, model_dir: Path | None = None) -> list[dict[str, Any]]:
     """Generate the clips (and the tiny model unless given), then run each mode with its own parameters
     (the plumbing run is cheap and gets more frames than the CPU pipeline run)."""
-    from daemon.demo import synthetic_clip
+    from daemon.commands.demo import synthetic_clip
 
     work.mkdir(parents=True, exist_ok=True)
     if model_dir is None:
-        from daemon.tiny import make_tiny
+        from daemon.weights.tiny import make_tiny
 
         model_dir = make_tiny((REPO / "var" / "tiny-model").resolve(), 0)
     runs = []

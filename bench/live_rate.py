@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from daemon.config import write_config
-from daemon.demo import start_mosquitto, synthetic_clip
-from daemon.encoding import decode_depth
+from daemon.commands.demo import start_mosquitto, synthetic_clip
+from daemon.wire.encoding import decode_depth
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = {"shipped": (110, 25), "low-latency": (25, 5)}
@@ -57,8 +57,8 @@ class DepthCollector:
     async def _main(self) -> None:
         import aiomqtt
 
-        from daemon.encoding import from_mqtt_properties
-        from daemon.subscribe import install_fast_properties_unpack
+        from daemon.wire.encoding import from_mqtt_properties
+        from daemon.wire.subscribe import install_fast_properties_unpack
 
         install_fast_properties_unpack()
         self._stop = asyncio.Event()
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-demo", action="store_true")
     ap.add_argument("--workdir", default="var/bench-live")
     args = ap.parse_args(argv)
-    from daemon.tiny import make_tiny
+    from daemon.weights.tiny import make_tiny
 
     work = (REPO / args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)

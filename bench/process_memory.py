@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--label", default="")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    from daemon.tiny import make_tiny
+    from daemon.weights.tiny import make_tiny
 
     model = make_tiny(args.work / "tiny-model", seed=0)
     clip = args.work / f"uhd{args.frames}.mp4"

@@ -2,8 +2,8 @@
 
 Reference: spec sections 4.1-4.7 (TencentARC/GeometryCrafter ``diff_ppl.py`` / ``determ_ppl.py``, ``run.py``).
 The networks (UNet, SVD VAE encoder, point-map VAE, CLIP) run in Jittor (``daemon.model``); the glue between
-them runs host-side in numpy: prior post-processing (:mod:`daemon.prior_post`), resizes
-(:mod:`daemon.resample`), the Euler steps (:mod:`daemon.model.scheduler`), window stitching and decode
+them runs host-side in numpy: prior post-processing (:mod:`daemon.model.prior_post`), resizes
+(:mod:`daemon.model.resample`), the Euler steps (:mod:`daemon.model.scheduler`), window stitching and decode
 post-processing. Latents are small ((T,4,H/8,W/8)), so moving them per network call costs little, and host
 glue keeps the numerics identical to PyTorch's float32 semantics on every device. Network inputs are numpy
 arrays, outputs come back as numpy right after each call.
@@ -15,7 +15,7 @@ Streaming (:class:`StreamingSession`) deviates from the clip-global offline algo
 algorithm needs the future (spec 4.9); the choices are documented in ``docs/streaming.md``:
 
 1. prior normalisation (depth scale ``s``, disparity ``lo``/``hi``) follows the scene per window and per
-   frame (``stats_policy="follow"``, daemon/streaming_stats.py) or is computed on the first window and
+   frame (``stats_policy="follow"``, daemon/model/streaming_stats.py) or is computed on the first window and
    frozen (``"frozen"``, the 0.1.0 behaviour);
 2. the noise bank is generated and rotated exactly as offline, windows are stitched in latent space exactly
    as offline; a window's last ``overlap`` frames are held back until the next window has been blended in;
@@ -41,10 +41,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from daemon import resample
+from daemon.model import resample
 from daemon.model.scheduler import EulerKarrasSchedule, load_scheduler_config, schedule_from_config
-from daemon.prior_post import PriorStats, compute_stats, prior_to_x4
-from daemon.streaming_stats import FrameNorm, PolicyParams, StreamStats, follow_focal
+from daemon.model.prior_post import PriorStats, compute_stats, prior_to_x4
+from daemon.model.streaming_stats import FrameNorm, PolicyParams, StreamStats, follow_focal
+from daemon.frames import FrameResult
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +54,6 @@ ADDED_TIME_IDS = (7.0, 127.0, 0.02)  # fps, motion bucket, noise augmentation (s
 DETERM_TIMESTEP = 1.6378  # spec 4.5: the literal constant
 MODEL_PARTS = ("point_map_vae", "vae", "image_encoder", "feature_extractor", "scheduler")
 VARIANTS = ("diff", "determ")
-
-
-@dataclass
-class FrameResult:
-    """One final output frame of a stream (interfaces.md "Pipeline").
-
-    ``intrinsics`` = (fx, fy, cx, cy) normalised by the output width/height with pixel centres at
-    ``(u + 0.5) / W``: ``u_n = cx + fx * X / Z``, ``v_n = cy + fy * Y / Z`` (cx = cy = 0.5).
-    """
-
-    frame_index: int
-    window_id: int
-    point_map: np.ndarray  # (H0, W0, 3) float32
-    depth: np.ndarray  # (H0, W0) float32
-    mask: np.ndarray  # (H0, W0) bool
-    intrinsics: tuple[float, float, float, float]
-    prior_scale: float = 1.0  # s the frame's prior was normalised with: depth * prior_scale = prior units
 
 
 @dataclass
@@ -863,7 +847,7 @@ class StreamingSession:
 
     def _fixed_focal(self, maps: DecodedMaps, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Per-frame (fx, fy) of the fixed focal: frozen from the first chunk, or under ``follow`` anchored per
-        segment and smoothed per decode chunk (daemon.streaming_stats.follow_focal)."""
+        segment and smoothed per decode chunk (daemon.model.streaming_stats.follow_focal)."""
         if self.stats_policy == "frozen":
             if self.focal is None:
                 self.focal = projected_focal(maps, per_frame=False)

@@ -1,31 +1,24 @@
-"""`geometryd run`: the streaming daemon's composition root and lifecycle (uvicorn-style).
+"""The daemon: signals -> startup (one AsyncExitStack) -> serve + tick -> shutdown (uvicorn-style).
 
-Order (architecture.md, style.md "asyncio lifecycle"): capture signals -> config + logging -> HTTP server
-(/healthz says "starting") -> stale shm cleanup -> prior sidecar -> Jittor pipeline load + warm-up window (kernels
-compile before READY) -> publishers -> one ring + task group per source -> ``READY=1`` -> main loop with a
-periodic tick (``WATCHDOG=1`` while the loop is healthy, loop lag, gauges) -> on SIGTERM/SIGINT or when every
-file source is done (``--exit-when-done``): ``STOPPING=1``, stop ingest, finish and flush windows within
+Order (docs/architecture.md, style.md "asyncio lifecycle"): capture signals -> HTTP server (/healthz says
+"starting") -> stale shm cleanup -> prior sidecar -> geometry worker process: pipeline load + warm-up window
+(kernels compile before READY) -> publishers -> one ring + :class:`~daemon.stages.runner.SourceRunner` per
+source, handed the started parts -> ``READY=1`` -> main loop with a periodic tick (``WATCHDOG=1`` while
+windows complete, loop lag, gauges) -> on SIGTERM/SIGINT or when every file source is done
+(``--exit-when-done``): ``STOPPING=1``, stop ingest, finish and flush windows within
 ``daemon.shutdown_grace_s``, flush publishers, stop the sidecar, unlink shared memory, exit 0. Every setup
 step registers its teardown on one ``AsyncExitStack`` so teardown runs in reverse order on every path.
-
-Per source (see :class:`SourceRunner`): ingest -> FrameRing (shm) -> WindowBuilder + Admission (overload
-policy) -> prior task (sidecar fills prior slots of window N+1 while geometry runs window N) -> geometry task
-(one worker PROCESS shared by all sources: Jittor holds the GIL while it computes, see
-daemon/stages/geometry.py) -> publishers. Queues carry only windows of slot refs. Every
-ingested frame ends as exactly one of: published (frames_out), skipped, dropped{reason}.
+The command line around it (config, logging, --summary) is daemon/commands/run.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
 import signal
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,79 +27,15 @@ from typing import Any
 from daemon import sdnotify
 from daemon.metrics import Metrics
 from daemon.progress import STALLED, ProgressMonitor
-from daemon.stages.preview import PreviewScale, make_preview
-from daemon.stages.window import Admission, FrameMeta, Verdict, Window, WindowBuilder, ring_slots
+from daemon.stages.runner import Collaborators, SourceRunner
+from daemon.stages.window import Admission, ring_slots
+from daemon.status import LagStats, quantiles
 
 log = logging.getLogger(__name__)
-
-_END = None  # queue sentinel: no more windows
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("run", help="run the streaming daemon (sources -> depth/point maps -> MQTT)",
-                              description="Run the streaming daemon with the sources of a config file.")
-    p.add_argument("--config", default="config.toml", help="config file (default: ./config.toml)")
-    p.add_argument("--exit-when-done", action="store_true",
-                   help="exit 0 once every file source has ended (and was flushed); 1 if one failed")
-    p.add_argument("--summary", metavar="JSON", help="write per-source counters and loop-lag stats here at exit")
-    # PLUMBING ONLY (bench/e2e_cpu.py): replace the pipeline by the identity processor with this
-    # per-window delay. Hidden: it produces no geometry.
-    p.add_argument("--plumbing-identity-delay", type=float, default=None, help=argparse.SUPPRESS)
-    p.set_defaults(func=_cmd_run)
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    from daemon.config import load_config_or_exit
-    from daemon.logging_setup import setup_logging
-
-    cfg = load_config_or_exit(args.config, runnable=True)
-    if args.summary and (problem := _unwritable(Path(args.summary))):
-        print(f"geometryd run: error: --summary {args.summary}: {problem}", file=sys.stderr)
-        return 2
-    setup_logging(cfg.logging.level, cfg.logging.format)
-    daemon = Daemon(cfg, exit_when_done=args.exit_when_done, identity_delay=args.plumbing_identity_delay,
-                    summary_path=args.summary)
-    return asyncio.run(daemon.run())
-
-
-def _unwritable(path: Path) -> str | None:
-    """Why a file cannot be written at ``path`` (checked before startup, not after the run), or None."""
-    folder = path.parent
-    if not folder.is_dir():
-        return f"the folder {folder} does not exist"
-    if path.is_dir():
-        return "is a folder"
-    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        return "permission denied"
-    return None
-
-
-class SourceFailed(Exception):
-    """A stage gave up on one source (the source's state becomes ``failed``; the daemon keeps running)."""
 
 
 class _StoppedDuringStartup(Exception):
     pass
-
-
-class _SourceFailed(Exception):
-    """A source's task group ends for a reason already logged (no traceback)."""
-
-
-@dataclasses.dataclass
-class LagStats:
-    samples: list[float] = dataclasses.field(default_factory=list)
-    busy_samples: list[float] = dataclasses.field(default_factory=list)  # while the geometry worker runs
-
-    def summary(self) -> dict[str, Any]:
-        def stats(xs: list[float]) -> dict[str, float]:
-            if not xs:
-                return {"n": 0}
-            s = sorted(xs)
-            return {"n": len(s), "p50_ms": 1e3 * statistics.median(s),
-                    "p99_ms": 1e3 * s[min(len(s) - 1, int(0.99 * len(s)))], "max_ms": 1e3 * s[-1]}
-
-        return {"all": stats(self.samples), "geometry_busy": stats(self.busy_samples)}
 
 
 class Daemon:
@@ -241,17 +170,22 @@ class Daemon:
         if removed:
             log.info("removed stale prior sidecar folders", extra={"folders": ",".join(removed)})
         g = cfg.geometry
-        runners = [SourceRunner(self, name, src) for name, src in cfg.sources.items()]
-        slots = {r.name: ring_slots(g.window_size, g.overlap, r.admission.bound, cfg.daemon.shm_slack_frames)
-                 for r in runners}
+        bound = Admission(cfg.overload.policy, cfg.overload.max_queued_windows).bound
+        slots = {name: ring_slots(g.window_size, g.overlap, bound, cfg.daemon.shm_slack_frames)
+                 for name in cfg.sources}
         check_shm_room(sum(ring_bytes(n, g.height, g.width) for n in slots.values()))  # before any model load
 
         await self._start_sidecar(stack)
         await self._load_pipeline(stack)
         await self._start_publishers(stack)
 
-        for runner in runners:
-            name, src, n_slots = runner.name, runner.src, slots[runner.name]
+        parts = Collaborators(cfg=cfg, metrics=self.metrics, sidecar=self.sidecar, worker=self.worker,
+                              progress=self.progress, stop_event=self.stop_event, fatal=self.fatal,
+                              degraded_reasons=self.degraded_reasons, mqtt=self.mqtt, files=self.files,
+                              hub=self.hub, webrtc=self.webrtc)
+        for name, src in cfg.sources.items():
+            runner = SourceRunner(parts, name, src)
+            n_slots = slots[name]
             runner.ring = FrameRing.create(name, n_slots, g.height, g.width)
             stack.push_async_callback(self._close_ring, runner.ring)
             self.runners[name] = runner
@@ -511,11 +445,11 @@ class Daemon:
                                     "frames_out": c.frames_out, "skipped": c.skipped,
                                     "dropped": dict(c.dropped), "balanced": c.balanced(),
                                     "windows": r.windows_done, "reconnects": r.reconnects,
-                                    "latency_s": _quantiles(c.latencies),
+                                    "latency_s": quantiles(c.latencies),
                                     "previews": {"in": c.previews_in, "out": c.previews_out,
                                                  "dropped": dict(c.previews_dropped),
                                                  "balanced": c.previews_balanced(),
-                                                 "latency_s": _quantiles(c.preview_latencies)},
+                                                 "latency_s": quantiles(c.preview_latencies)},
                                     "window_fps": c.window_fps}
         out["sidecar_restarts"] = getattr(self.sidecar, "restarts", None)
         out["geometry"] = {"restarts": getattr(self.worker, "restarts", None),
@@ -539,13 +473,6 @@ class Daemon:
             log.error("cannot write the summary %s: %s", self.summary_path, exc.strerror or exc)
 
 
-def _quantiles(xs: list[float]) -> dict[str, float] | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    return {"p50": statistics.median(s), "p90": s[int(0.9 * (len(s) - 1))],
-            "p99": s[int(0.99 * (len(s) - 1))], "max": s[-1]}
-
 
 def _close_ring(ring: Any) -> None:
     for op in (ring.close, ring.unlink):
@@ -555,446 +482,3 @@ def _close_ring(ring: Any) -> None:
             log.warning("ring cleanup", extra={"ring": ring.name, "error": str(exc)})
             if op is ring.close:
                 continue
-
-
-class SourceRunner:
-    """One source's task group: feeder (ingest -> ring -> windows), prior task, geometry+publish task."""
-
-    def __init__(self, daemon: Daemon, name: str, src: Any) -> None:
-        self.d, self.name, self.src = daemon, name, src
-        cfg = daemon.cfg
-        self.builder = WindowBuilder(cfg.geometry.window_size, cfg.geometry.overlap)
-        self.admission = Admission(cfg.overload.policy, cfg.overload.max_queued_windows)
-        self.ring: Any = None
-        self.state = "starting"
-        self.error: str | None = None
-        self.last_frame_t: float | None = None
-        self.windows_done = 0
-        self.reconnects = 0
-        self.ingest_cut = False  # the feeder was cancelled by a stop before its ingest ended
-        self.inflight: dict[int, FrameMeta] = {}  # admitted, not yet published, by seq
-        self.waiting = 0  # windows emitted but not yet started by geometry
-        self.in_geometry = False  # a window of this source is in the geometry worker
-        self._session_gen = 1  # worker generation that holds this source's StreamingSession
-        self._space = asyncio.Condition()
-        self._seq = 0
-        self._frame_index = 0
-        self._feeder: asyncio.Task[None] | None = None
-        self.win_q: asyncio.Queue[Window | None] = asyncio.Queue()
-        self.geo_q: asyncio.Queue[Window | None] = asyncio.Queue()
-        # prior as frames arrive (small batches) and the preview tier (daemon/stages/preview.py)
-        self.prior_q: asyncio.Queue[tuple[Any, FrameMeta, int] | None] = asyncio.Queue()
-        self._prior_upto = 0  # frames (by seq) whose per-frame prior request is finished
-        self._prior_cond = asyncio.Condition()
-        self._batcher_done = False
-        self.preview_on = bool(getattr(src, "preview", False)) and (cfg.mqtt.enabled or cfg.http.enabled)
-        self.preview_scale = PreviewScale(cfg.streaming.cut_threshold)
-        self._preview_pending: set[int] = set()  # seqs whose preview was not yet handed to a sink
-
-    def _make_ingest(self) -> Any:
-        g = self.d.cfg.geometry
-        src = self.src
-        if src.type == "file":
-            from daemon.stages.ingest_file import FileIngest
-
-            return FileIngest(self.name, src.path, g.height, g.width, loop=src.loop, realtime=src.realtime)
-        if src.type == "rtsp":
-            from daemon.stages.ingest_rtsp import RtspIngest
-
-            m = self.d.metrics
-
-            def on_reconnect() -> None:
-                self.reconnects += 1
-                m.source_reconnects.labels(self.name).inc()
-
-            return RtspIngest(self.name, src.url, g.height, g.width, open_timeout_s=src.open_timeout_s,
-                              stall_timeout_s=src.stall_timeout_s, reconnect_initial_s=src.reconnect_initial_s,
-                              reconnect_max_s=src.reconnect_max_s, on_reconnect=on_reconnect,
-                              on_up=lambda up: m.source_up.labels(self.name).set(1 if up else 0),
-                              on_error=lambda kind: m.source_errors.labels(self.name, kind).inc())
-        if src.type == "webrtc":  # sessions arrive through WHIP (daemon/whip.py)
-            return self.d.webrtc.get(self.name)
-        raise NotImplementedError(f"source {self.name}: type {src.type!r} is not served by this build")
-
-    def stop_ingest(self) -> None:
-        if self._feeder is not None and not self._feeder.done():
-            self._feeder.cancel()
-
-    def status_dict(self) -> dict[str, Any]:
-        c = self.d.metrics.source(self.name)
-        reasons = self.d.degraded_reasons()
-        return {"state": self.state, "frames_in": c.frames_in, "frames_out": c.frames_out,
-                "skipped": c.skipped, "dropped": c.dropped_total,
-                "health": "degraded" if reasons else "ok", "reasons": reasons}
-
-    async def run(self) -> None:
-        self._feeder = asyncio.create_task(self._feed(), name=f"feed-{self.name}")
-        tasks = [self._feeder,
-                 asyncio.create_task(self._prior_batches(), name=f"prior-frames-{self.name}"),
-                 asyncio.create_task(self._prior_loop(), name=f"prior-{self.name}"),
-                 asyncio.create_task(self._geometry_loop(), name=f"geometry-{self.name}")]
-        try:
-            await asyncio.gather(*tasks)
-            if self.state != "failed":
-                # cut off by a stop (SIGTERM): a live source never "ends", a file source did not reach its end
-                self.state = "stopped" if self.ingest_cut else "done"
-        except _SourceFailed as exc:  # already logged as the daemon's fatal reason
-            self.state, self.error = "failed", str(exc)
-        except Exception as exc:
-            self.state, self.error = "failed", str(exc)
-            log.exception("source failed", extra={"source": self.name})
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if self.state == "running":
-                self.state = "stopped"  # cut off by the shutdown grace
-            # admitted frames without a result: cut off by shutdown (grace exceeded) or by a failure
-            self._account_lost("shutdown" if self.d.stop_event.is_set() else "lost")
-            self.d.metrics.preview_drop(self.name, "shutdown", len(self._preview_pending))
-            self._preview_pending.clear()
-
-    def _account_lost(self, reason: str) -> None:
-        if self.inflight:
-            self.d.metrics.drop(self.name, reason, len(self.inflight))
-            self.inflight.clear()
-
-    # ---- feeder ----------------------------------------------------------------------------------------
-    async def _feed(self) -> None:
-        from daemon.shm import RingFullError
-        from daemon.stages.ingest_file import IngestError
-
-        m = self.d.metrics
-        ingest = self._make_ingest()
-        live = bool(getattr(ingest, "live", False))
-        self.state = "running"
-        unplaced = False
-        try:
-            async for fr in ingest.frames():
-                idx = self._frame_index
-                self._frame_index += 1
-                m.frame_in(self.name)
-                unplaced = True  # until the frame is in a window or counted
-                self.last_frame_t = time.monotonic()
-                completes = self.builder.needed == 1
-                if live:
-                    self.admission.note_arrival(fr.t_ingest, fr.pts)
-                    verdict = self.admission.decide(completes, self.waiting, fr.pts)
-                    if verdict is not Verdict.ADMIT:
-                        unplaced = False
-                        if verdict is Verdict.SKIP:
-                            m.skip(self.name)
-                        else:
-                            m.drop(self.name, "queue_full")
-                        continue
-                elif completes:
-                    await self._wait_for_space()
-                ref = None
-                while ref is None:
-                    try:
-                        ref = self.ring.write_frame(fr.image, idx, fr.pts)
-                    except RingFullError:
-                        if live:
-                            break
-                        await asyncio.sleep(0.01)
-                unplaced = False
-                if ref is None:
-                    m.drop(self.name, "ring_full")
-                    continue
-                meta = FrameMeta(self._seq, idx, fr.pts, fr.t_ingest)
-                self._seq += 1
-                self.inflight[meta.seq] = meta
-                if self.preview_on:
-                    m.preview_in(self.name)
-                    self._preview_pending.add(meta.seq)
-                self.prior_q.put_nowait((ref, meta, self.builder.filling_id))
-                win = self.builder.add(ref, meta)
-                if win is not None:
-                    self._emit(win)
-        except asyncio.CancelledError:
-            self.ingest_cut = True
-            log.info("ingest stopped", extra={"source": self.name})
-            if unplaced:
-                m.drop(self.name, "shutdown")
-        except IngestError as exc:
-            self.state, self.error = "failed", str(exc)
-            m.source_errors.labels(self.name, "ingest").inc()
-            log.error("source failed: %s", exc, extra={"source": self.name})
-        final = self.builder.finish()
-        if final is not None:
-            self._emit(final)
-        self.prior_q.put_nowait(_END)
-        await self.win_q.put(_END)
-
-    async def _wait_for_space(self) -> None:
-        async with self._space:
-            await self._space.wait_for(lambda: self.waiting < self.admission.bound)
-
-    def _emit(self, win: Window) -> None:
-        fps = win.fps
-        for meta in win.new_metas:
-            meta.window_fps = fps
-        if fps:
-            self.d.metrics.set_window_fps(self.name, fps)
-        self.waiting += 1
-        self.win_q.put_nowait(win)
-
-    # ---- prior -----------------------------------------------------------------------------------------
-    async def _prior_batches(self) -> None:
-        """The prior of each admitted frame as it arrives, in batches of at most ``streaming.preview_batch``
-        (what is queued, never waiting for more), then its preview. A failed batch is retried by the window's
-        prior request (_prior_loop) and its previews are dropped (counted)."""
-        batch_max = self.d.cfg.streaming.preview_batch
-        try:
-            end = False
-            while not end:
-                item = await self.prior_q.get()
-                if item is _END:
-                    break
-                batch = [item]
-                while len(batch) < batch_max and not self.prior_q.empty():
-                    nxt = self.prior_q.get_nowait()
-                    if nxt is _END:
-                        end = True
-                        break
-                    batch.append(nxt)
-                need = [r for r, _, _ in batch if not self.ring.has_prior(r)]
-                ok = True
-                try:
-                    if need:
-                        await self.d.sidecar.compute(self.ring, need)
-                except Exception as exc:  # the window's own prior request retries these frames
-                    ok = False
-                    log.warning("prior of arriving frames failed", extra={"source": self.name,
-                                                                         "error": str(exc)})
-                # copy the priors out before the window may go on (and release its slots)
-                copies = [self._copy_prior(ref, meta) if ok and self.preview_on else None
-                          for ref, meta, _ in batch]
-                self._prior_upto = batch[-1][1].seq + 1
-                async with self._prior_cond:
-                    self._prior_cond.notify_all()
-                if self.preview_on:
-                    for (_, meta, wid), prior in zip(batch, copies):
-                        if prior is not None:
-                            await self._preview(prior, meta, wid)
-                        elif meta.seq in self._preview_pending:
-                            self._preview_pending.discard(meta.seq)
-                            self.d.metrics.preview_drop(self.name, "prior_error" if not ok else "stale_slot")
-        finally:
-            self._batcher_done = True
-            async with self._prior_cond:
-                self._prior_cond.notify_all()
-
-    def _copy_prior(self, ref: Any, meta: FrameMeta) -> tuple[Any, Any] | None:
-        try:
-            points = self.ring.prior_points(ref).copy()
-            mask = self.ring.prior_mask(ref).copy()
-            self.ring.verify(ref)
-        except Exception as exc:  # the slot was reused (cannot happen while its window waits for it)
-            log.warning("preview lost", extra={"source": self.name, "seq": meta.seq, "error": str(exc)})
-            return None
-        return points, mask
-
-    async def _preview(self, prior: tuple[Any, Any], meta: FrameMeta, window_id: int) -> None:
-        m = self.d.metrics
-        points, mask = prior
-        self.preview_scale.observe_prior(meta.seq, points[..., 2], mask)
-        res = await asyncio.to_thread(make_preview, points, mask, self.preview_scale.scale, meta.frame_index,
-                                      window_id)
-        if self.d.hub is not None:
-            self.d.hub.push(self.name, res, meta.pts, time.monotonic() - meta.t_ingest, tier="preview")
-        if self.d.mqtt is None:
-            self._preview_pending.discard(meta.seq)
-            m.preview_out(self.name, time.monotonic() - meta.t_ingest)
-            return
-
-        self._preview_pending.discard(meta.seq)  # handed to the publisher: its outcome counts it
-
-        def done(ok: bool, reason: str) -> None:
-            if ok:
-                m.preview_out(self.name, time.monotonic() - meta.t_ingest)
-            else:
-                m.preview_drop(self.name, f"mqtt_{reason}")
-
-        await self.d.mqtt.publish_preview(self.name, res, meta.pts, on_done=done)
-
-    async def _wait_frame_priors(self, win: Window) -> None:
-        last = win.metas[-1].seq
-        async with self._prior_cond:
-            await self._prior_cond.wait_for(lambda: self._prior_upto > last or self._batcher_done)
-
-    async def _prior_loop(self) -> None:
-        m = self.d.metrics
-        while (win := await self.win_q.get()) is not _END:
-            if self.state == "failed":  # the prior stage gave up on this source: count, do not compute
-                win.prior_ok = False
-                await self.geo_q.put(win)
-                continue
-            await self._wait_frame_priors(win)
-            need = [r for r in win.refs if not self.ring.has_prior(r)]
-            t0 = time.monotonic()
-            try:
-                if need:
-                    await self._compute_prior(need)
-            except SourceFailed as exc:
-                self.state, self.error = "failed", str(exc)
-                m.source_errors.labels(self.name, "prior").inc()
-                log.error("source failed: %s", exc, extra={"source": self.name})
-                self.stop_ingest()
-                win.prior_ok = False
-            except Exception as exc:  # PriorError and friends: this window cannot be processed
-                log.error("prior failed for window", extra={"source": self.name, "window": win.window_id,
-                                                            "error": str(exc)})
-                win.prior_ok = False
-            win.prior_s = time.monotonic() - t0
-            m.observe_stage("prior", self.name, win.prior_s)
-            await self.geo_q.put(win)
-        await self.geo_q.put(_END)
-
-    async def _compute_prior(self, refs: list[Any]) -> None:
-        """Prior for ``refs``. With the sidecar's restart budget exhausted a file source FAILS (raises
-        SourceFailed: draining it into drops would report success) and a live source waits until the
-        budget window frees a restart (new frames meanwhile go through the overload policy)."""
-        from daemon.stages.prior import SidecarBudgetExhausted
-
-        sidecar = self.d.sidecar
-        while True:
-            try:
-                await sidecar.compute(self.ring, refs)
-                return
-            except SidecarBudgetExhausted as exc:
-                if self.src.type == "file" or self.d.stop_event.is_set():
-                    raise SourceFailed(str(exc)) from exc
-                wait = max(0.1, sidecar.budget_wait_s())
-                log.warning("prior sidecar restart budget exhausted; waiting for the budget window",
-                            extra={"source": self.name, "wait_s": round(wait, 1)})
-                with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-                    await asyncio.wait_for(self.d.stop_event.wait(), wait)
-
-    # ---- geometry + publish ----------------------------------------------------------------------------
-    async def _geometry_loop(self) -> None:
-        from daemon.stages.geometry import GeometryFault, GeometryUnavailable
-
-        m = self.d.metrics
-        worker = self.d.worker
-        while (win := await self.geo_q.get()) is not _END:
-            self.waiting -= 1
-            async with self._space:
-                self._space.notify_all()
-            if not win.prior_ok:  # its new frames are lost, and counted
-                self._drop_frames(win.new_metas, "prior_error")
-                self._release(win)
-                continue
-            t0 = time.monotonic()
-            self.in_geometry = True
-            try:
-                results = await worker.push_window(self.name, self.ring, win.refs, win.first_seq)
-            except GeometryUnavailable as exc:
-                self._drop_through(win, worker.last_fault or "geometry_crash")
-                self._release(win)
-                self.d.fatal(str(exc))
-                raise _SourceFailed(str(exc)) from None
-            except GeometryFault as exc:  # retried once on a restarted worker: the window is dropped
-                self._drop_through(win, exc.reason)
-                self._release(win)
-                self._session_gen = worker.generation
-                self.error = str(exc)
-                continue
-            except Exception as exc:
-                log.exception("geometry failed for window", extra={"source": self.name,
-                                                                   "window": win.window_id})
-                self._drop_frames(win.new_metas, "geometry_error")
-                self._release(win)
-                self.error = str(exc)
-                continue
-            finally:
-                self.in_geometry = False
-            dt = time.monotonic() - t0
-            if self._session_gen != worker.generation:  # restarted: our held-back frames died with it
-                self._drop_before(win.first_seq, worker.last_fault or "geometry_crash")
-                self._session_gen = worker.generation
-            self.d.progress.progress(time.monotonic())
-            m.observe_stage("geometry", self.name, dt)
-            m.windows.labels(self.name).inc()
-            self.windows_done += 1
-            self.admission.note_window(win.n_new, max(dt, win.prior_s), win.window_id)  # the two stages overlap
-            self._release(win)
-            await self._publish(results)
-        try:
-            results = await worker.flush(self.name)
-        except GeometryUnavailable as exc:
-            self.d.fatal(str(exc))
-            results = []
-        except GeometryFault:
-            results = []
-        await self._publish(results)
-        if self._session_gen != worker.generation and self.inflight:  # held back by a worker that died
-            self._drop_before(self._seq, worker.last_fault or "geometry_crash")
-        for ref in self.builder.release_carry():
-            self.ring.release(ref)
-
-    def _drop_before(self, seq: int, reason: str) -> None:
-        """Count admitted frames below ``seq`` that have no result (held back in a lost session)."""
-        lost = [s for s in self.inflight if s < seq]
-        for s in lost:
-            del self.inflight[s]
-        if lost:
-            log.warning("frames held by the lost geometry session dropped",
-                        extra={"source": self.name, "frames": len(lost), "reason": reason})
-        self.d.metrics.drop(self.name, reason, len(lost))
-
-    def _drop_through(self, win: Window, reason: str) -> None:
-        """A window that failed for good: its frames and every earlier frame still without a result."""
-        self._drop_before(win.metas[-1].seq + 1, reason)
-
-    def _release(self, win: Window) -> None:
-        for ref in self.builder.done(win):
-            self.ring.release(ref)
-
-    def _drop_frames(self, metas: list[FrameMeta], reason: str) -> None:
-        n = sum(1 for meta in metas if self.inflight.pop(meta.seq, None) is not None)
-        self.d.metrics.drop(self.name, reason, n)
-
-    async def _publish(self, results: list[Any]) -> None:
-        """Hand a window's final frames to the sinks. A frame counts as out once every sink has it (for MQTT:
-        once all its messages were published, reported by the publisher's ``on_done``), else as dropped."""
-        m = self.d.metrics
-        t0 = time.monotonic()
-        batch: list[Any] = []
-        metas: dict[int, FrameMeta] = {}
-        for res in results:
-            meta = self.inflight.pop(res.frame_index, None)
-            if meta is None:
-                log.debug("result for an already accounted frame", extra={"source": self.name,
-                                                                         "seq": res.frame_index})
-                continue
-            self.preview_scale.observe_refined(meta.seq, float(getattr(res, "prior_scale", 1.0)))
-            res = dataclasses.replace(res, frame_index=meta.frame_index)
-            if self.d.hub is not None:  # live viewer (keeps a reference; encodes only while watched)
-                self.d.hub.push(self.name, res, meta.pts, time.monotonic() - meta.t_ingest, tier="refined")
-            if self.d.files is not None:
-                try:
-                    await asyncio.to_thread(self.d.files.write_frame, self.name, res, meta.pts)
-                except Exception as exc:
-                    log.error("file sink failed", extra={"source": self.name, "error": str(exc)})
-                    m.drop(self.name, "files")
-                    continue
-            if self.d.mqtt is None:
-                m.frame_out(self.name, time.monotonic() - meta.t_ingest)
-                continue
-            batch.append(res)
-            metas[res.frame_index] = meta
-
-        def done(res: Any, ok: bool, reason: str) -> None:
-            meta = metas.pop(res.frame_index)
-            if ok:
-                m.frame_out(self.name, time.monotonic() - meta.t_ingest)
-            else:
-                m.drop(self.name, f"mqtt_{reason}")
-
-        if batch:
-            extra = [{"window_fps": f"{metas[r.frame_index].window_fps:.4f}"} for r in batch]
-            await self.d.mqtt.publish_frames(self.name, batch, [metas[r.frame_index].pts for r in batch],
-                                             on_done=done, extra=extra)
-        if results:
-            m.observe_stage("publish", self.name, time.monotonic() - t0)

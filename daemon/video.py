@@ -1,7 +1,7 @@
 """PyAV helpers for whole files: read RGB frames (stride, length, optional resize), write a clip.
 
 Matches run.py's reading (spec 4.1): every ``stride``-th frame, truncated to ``max_frames``; frames are RGB
-uint8. The optional resize on read is antialiased bicubic (torch semantics, :mod:`daemon.resample`),
+uint8. The optional resize on read is antialiased bicubic (torch semantics, :mod:`daemon.model.resample`),
 rounded back to uint8 — used only when a caller wants a smaller working copy; the pipeline itself resizes
 in float. PyAV is imported inside the functions.
 """
@@ -115,7 +115,7 @@ def read_frames(
 
 
 def _resize_frame(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    from daemon import resample
+    from daemon.model import resample
 
     x = img.transpose(2, 0, 1)[None].astype(np.float32) / np.float32(255.0)
     x = np.clip(resample.resize(x, size, "bicubic_aa"), 0.0, 1.0)

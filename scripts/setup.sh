@@ -51,7 +51,7 @@ fi
 #    apply the versioned, idempotent, reversible compatibility patches before the first import.
 if "$VENV/bin/python" -c "from daemon.jittor_env import detect_cuda; raise SystemExit(0 if detect_cuda().driver_ok else 1)"; then
   log "CUDA device found: applying the Jittor CUDA 13 compatibility patches (geometryd doctor --fix)"
-  "$VENV/bin/python" -m daemon.doctor --fix >&2 || log "doctor --fix reported a problem (see above)"
+  "$VENV/bin/python" -m daemon.commands.doctor --fix >&2 || log "doctor --fix reported a problem (see above)"
 fi
 
 # 4. First Jittor import: compiles Jittor's core into ~/.cache/jittor (keyed by venv path).

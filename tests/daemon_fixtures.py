@@ -2,7 +2,7 @@
 systemd notify socket, and ``geometryd run`` as a real subprocess.
 
 Import what a test needs: ``from daemon_fixtures import make_clip, tiny_model, ...`` (tests/ is on sys.path
-through pytest's rootdir conftest). The tiny model is built once per session (``daemon.tiny.make_tiny``).
+through pytest's rootdir conftest). The tiny model is built once per session (``daemon.weights.tiny.make_tiny``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def synthetic_frames(n: int, height: int = H, width: int = W, seed: int = 0) -> 
 
 def make_clip(path: Path, n_frames: int = 60, height: int = H, width: int = W, fps: int = 30) -> Path:
     """The demo's synthetic scene (a floor and a wall, a box moving across) written with PyAV."""
-    from daemon.demo import synthetic_clip
+    from daemon.commands.demo import synthetic_clip
 
     synthetic_clip(path, n_frames, height, width, fps)
     return path
@@ -55,7 +55,7 @@ def make_clip(path: Path, n_frames: int = 60, height: int = H, width: int = W, f
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from daemon.tiny import make_tiny
+    from daemon.weights.tiny import make_tiny
 
     prebuilt = os.environ.get("GEOMETRYD_TEST_TINY_MODEL")  # a folder built earlier (local iteration)
     if prebuilt:
@@ -224,7 +224,7 @@ def daemon_procs() -> Iterator[list[DaemonProcess]]:
 
 
 class Subscriber:
-    """``daemon.subscribe.iter_frames`` in a background thread (own event loop), reconnecting after a broker
+    """``daemon.wire.subscribe.iter_frames`` in a background thread (own event loop), reconnecting after a broker
     outage; ``frames`` collects every ReceivedFrame in arrival order."""
 
     def __init__(self, port: int, prefix: str = "geometry", source: str = "+") -> None:
@@ -255,7 +255,7 @@ class Subscriber:
 
         import aiomqtt
 
-        from daemon.subscribe import iter_frames
+        from daemon.wire.subscribe import iter_frames
 
         while True:
             ready = asyncio.Event()

@@ -1,7 +1,7 @@
 """The literal (pre-#16) host glue, kept as the reference the fast paths are compared with.
 
 Whole-array numpy formulas of spec 4.2 (prior post-processing) with the dense-matrix resizes
-(:func:`daemon.resample.resize_dense`), as daemon/prior_post.py was in 0.1.0; decode post-processing and
+(:func:`daemon.model.resample.resize_dense`), as daemon/model/prior_post.py was in 0.1.0; decode post-processing and
 the source/CLIP resizes of daemon/pipeline.py likewise. Slow on purpose: it is the readable definition.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from daemon import resample
-from daemon.prior_post import PriorStats
+from daemon.model import resample
+from daemon.model.prior_post import PriorStats
 
 Q_LO = 1 - 0.99
 Q_HI = 0.99

@@ -10,7 +10,7 @@ import aiomqtt
 import numpy as np
 
 from daemon.config import MqttConfig
-from daemon.pipeline import FrameResult
+from daemon.frames import FrameResult
 
 
 def make_frame(index: int, h: int = 24, w: int = 32, window_id: int = 0, seed: int = 0) -> FrameResult:
@@ -62,8 +62,8 @@ class Collector:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
-        from daemon.encoding import from_mqtt_properties
-        from daemon.subscribe import install_fast_properties_unpack
+        from daemon.wire.encoding import from_mqtt_properties
+        from daemon.wire.subscribe import install_fast_properties_unpack
 
         install_fast_properties_unpack()
 

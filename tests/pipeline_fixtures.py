@@ -101,7 +101,7 @@ class TorchNets:
 def tiny_model_dir(base: Path, seed: int = 0) -> Path:
     """The full make_tiny folder (all parts incl. point-map VAE and MoGe) under a pytest basetemp; make_tiny
     skips complete parts, so every test module can call this and only the first one pays."""
-    from daemon.tiny import make_tiny
+    from daemon.weights.tiny import make_tiny
 
     d = base / f"tiny_model_seed{seed}"
     make_tiny(d, seed=seed)

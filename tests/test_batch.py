@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.batch import UsageError, expand_inputs, output_paths
+from daemon.offline.batch import UsageError, expand_inputs, output_paths
 from daemon.cli import main
 from daemon.video import write_video
 from tests.pipeline_fixtures import synthetic_clip, tiny_model_dir

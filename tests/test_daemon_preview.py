@@ -96,7 +96,7 @@ def test_preview_tier_topics_counters_and_units(tiny_model: Path, tmp_path: Path
         assert set(preview[0].user) == set(refined[0].user) - {"window_fps"}
         assert all(float(m.user["window_fps"]) == pytest.approx(30.0, rel=1e-3) for m in refined)
     # units: the identity result is the raw prior; a preview is the prior / prior_scale (its property)
-    from daemon.encoding import decode_depth
+    from daemon.wire.encoding import decode_depth
 
     refined = {int(m.user["frame_index"]): m for m in by_topic["pv/cam/depth"]}
     for m in by_topic["pv/cam/preview/depth"]:

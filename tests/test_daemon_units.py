@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.stages.window import Admission, FrameMeta, Verdict, WindowBuilder, ring_slots
+from daemon.frames import FrameMeta
+from daemon.stages.window import Admission, Verdict, WindowBuilder, ring_slots
 
 REPO = Path(__file__).resolve().parents[1]
 

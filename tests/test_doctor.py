@@ -23,7 +23,7 @@ CUDA = jittor_env.detect_cuda()
 def run_doctor(
     *args: str, env: dict[str, str] | None = None, standalone: bool = False
 ) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", *(["daemon.doctor"] if standalone else ["daemon", "doctor"])]
+    cmd = [sys.executable, "-m", *(["daemon.commands.doctor"] if standalone else ["daemon", "doctor"])]
     return subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
 
 

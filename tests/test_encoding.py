@@ -1,4 +1,4 @@
-"""Wire encodings (daemon/encoding.py, docs/mqtt.md): exact f16, bounded png16, mask packing, stride."""
+"""Wire encodings (daemon/wire/encoding.py, docs/mqtt.md): exact f16, bounded png16, mask packing, stride."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from PIL import Image
 
-from daemon import encoding as enc
+from daemon.wire import encoding as enc
 
 F32_EPS = 2.0**-24  # float32 rounding of the returned depth (relative)
 

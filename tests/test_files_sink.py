@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mqtt_helpers import make_frame
 
-from daemon import encoding as enc
+from daemon.wire import encoding as enc
 from daemon.config import FilesConfig
 from daemon.stages.publish_files import FileSink
 

@@ -6,7 +6,7 @@ import pytest
 
 from daemon.pipeline import GeometryCrafter
 from daemon.stages.geometry import PipelineGeometry, SessionParams
-from daemon.tiny import CLIP_MEAN, CLIP_STD, SCHEDULER_CONFIG
+from daemon.weights.tiny import CLIP_MEAN, CLIP_STD, SCHEDULER_CONFIG
 
 
 @pytest.mark.parametrize("low_memory", [True, False])

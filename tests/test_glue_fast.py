@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from daemon import pipeline as P
-from daemon import prior_post, resample
+from daemon.model import prior_post, resample
 from tests import glue_reference as ref
 from tests.pipeline_fixtures import synthetic_clip
 

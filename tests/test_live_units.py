@@ -10,7 +10,8 @@ import struct
 import numpy as np
 
 from daemon.stages.preview import PreviewScale, make_preview, prior_intrinsics
-from daemon.stages.window import Admission, FrameMeta, Verdict, Window
+from daemon.frames import FrameMeta
+from daemon.stages.window import Admission, Verdict, Window
 
 
 def _admitted_pts(adm: Admission, pts: list[float], arrivals: list[float]) -> list[float]:

@@ -20,7 +20,7 @@ from daemon.jittor_env import import_jittor  # noqa: E402
 jt = import_jittor()
 
 from daemon.model import load_clip  # noqa: E402
-from daemon.tiny_configs import TINY_CLIP_VISION  # noqa: E402
+from daemon.weights.configs import TINY_CLIP_VISION  # noqa: E402
 from tests.model_testutil import perturb_, rel_err  # noqa: E402
 
 TOL = 1.2e-6

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.manifest import MANIFEST_DIR as KEYS_DIR  # equal to the spec's copies (tests/test_weights.py)
-from daemon.tiny_configs import OFFICIAL_UNET
+from daemon.weights.manifest import MANIFEST_DIR as KEYS_DIR  # equal to the spec's copies (tests/test_weights.py)
+from daemon.weights.configs import OFFICIAL_UNET
 
 PARAMS = {12: 1_524_634_602, 8: 1_524_623_082}
 MAX_RSS_MB = 1500  # measured ~300 MB (Jittor core + two lazy trees); materialising one tree is ~6 GB

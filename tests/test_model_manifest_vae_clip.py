@@ -18,8 +18,8 @@ jt = import_jittor()
 from daemon.model.clip import ClipVision  # noqa: E402
 from daemon.model.loader import module_shapes  # noqa: E402
 from daemon.model.vae import PointMapVae, SvdVaeEncoder  # noqa: E402
-from daemon.tiny_configs import OFFICIAL_CLIP_VISION as OFFICIAL_CLIP  # noqa: E402
-from daemon.tiny_configs import OFFICIAL_POINT_MAP_VAE, OFFICIAL_SVD_VAE  # noqa: E402
+from daemon.weights.configs import OFFICIAL_CLIP_VISION as OFFICIAL_CLIP  # noqa: E402
+from daemon.weights.configs import OFFICIAL_POINT_MAP_VAE, OFFICIAL_SVD_VAE  # noqa: E402
 from tests.model_testutil import read_tsv  # noqa: E402
 
 def _n_params(shapes: dict[str, tuple[int, ...]]) -> int:

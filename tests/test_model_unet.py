@@ -1,7 +1,7 @@
 """Parity of the Jittor vid2vid UNet (daemon/model/unet.py) with diffusers' UNetSpatioTemporalConditionModel.
 
 Spec ../shared/spec/geometrycrafter.md sections 2.1, 3.7-3.11 and 6: the same random weights (tiny config of
-daemon.tiny_configs, every constant-initialised parameter perturbed with seeded noise so nothing passes on
+daemon.weights.configs, every constant-initialised parameter perturbed with seeded noise so nothing passes on
 ones/zeros/0.5) are written with ``save_pretrained`` and read back through the production loader.
 (a) identical per-frame embeddings == diffusers' own forward with a (B,1,D) context;
 (b) distinct per-frame embeddings == a torch harness that runs the reference model's submodules in the
@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from daemon.jittor_env import import_jittor  # noqa: E402
-from daemon.tiny_configs import TINY_UNET  # noqa: E402
+from daemon.weights.configs import TINY_UNET  # noqa: E402
 
 jt = import_jittor()
 

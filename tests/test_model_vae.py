@@ -32,7 +32,7 @@ from daemon.model import (  # noqa: E402
     load_svd_vae,
     save_point_map_vae,
 )
-from daemon.tiny_configs import TINY_POINT_MAP_VAE, TINY_SVD_VAE  # noqa: E402
+from daemon.weights.configs import TINY_POINT_MAP_VAE, TINY_SVD_VAE  # noqa: E402
 from tests.model_testutil import perturb_, rel_err  # noqa: E402
 from tests.torch_ref_pmap_vae import TorchPointMapVae  # noqa: E402
 

@@ -12,9 +12,9 @@ import pytest
 from mosquitto import Mosquitto, mosquitto  # noqa: F401  (fixture)
 from mqtt_helpers import Collector, make_frame, mqtt_config, noisy_frame
 
-from daemon import encoding as enc
+from daemon.wire import encoding as enc
 from daemon.stages.publish_mqtt import MqttPublisher
-from daemon.subscribe import ReceivedFrame, iter_frames
+from daemon.wire.subscribe import ReceivedFrame, iter_frames
 
 N_FRAMES = 6
 

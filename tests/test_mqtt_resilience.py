@@ -20,7 +20,7 @@ from mqtt_helpers import Collector, make_frame, mqtt_config
 
 from daemon.metrics import Metrics
 from daemon.stages.publish_mqtt import DROP_REASONS, MqttPublisher
-from daemon.subscribe import iter_frames
+from daemon.wire.subscribe import iter_frames
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -69,8 +69,8 @@ def test_fast_properties_unpack_is_equivalent() -> None:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    from daemon import encoding as enc
-    from daemon.subscribe import install_fast_properties_unpack
+    from daemon.wire import encoding as enc
+    from daemon.wire.subscribe import install_fast_properties_unpack
 
     user = {**enc.frame_properties("cam", 7, 0.25, 1, "points"), "shape": "4,5,3", "stride": "2"}
     packed = enc.to_mqtt_properties(user, "application/octet-stream").pack()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from daemon.pipeline import GeometryCrafter
-from daemon.tiny import CLIP_MEAN, CLIP_STD, SCHEDULER_CONFIG
+from daemon.weights.tiny import CLIP_MEAN, CLIP_STD, SCHEDULER_CONFIG
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from daemon.pipeline import GeometryCrafter, NoiseBank, stitch, window_plan
-from daemon.prior_post import compute_stats, prior_to_x4
-from daemon.tiny import CLIP_MEAN, CLIP_STD, SCHEDULER_CONFIG, make_tiny
+from daemon.model.prior_post import compute_stats, prior_to_x4
+from daemon.weights.tiny import CLIP_MEAN, CLIP_STD, SCHEDULER_CONFIG, make_tiny
 from tests.pipeline_fixtures import StandInPointMapVAE, TorchNets, synthetic_clip
 from tests.torch_ref_pipeline import TorchRefPipeline
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from daemon.pipeline import GeometryCrafter, StreamingSession, window_plan
-from daemon.tiny import CLIP_MEAN, CLIP_STD, SCHEDULER_CONFIG, make_tiny
+from daemon.weights.tiny import CLIP_MEAN, CLIP_STD, SCHEDULER_CONFIG, make_tiny
 from tests.pipeline_fixtures import StandInPointMapVAE, TorchNets, synthetic_clip
 from tests.torch_ref_pipeline import TorchRefPipeline
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from daemon.cli import main
-from daemon.encoding import png16_decode, png16_text
+from daemon.wire.encoding import png16_decode, png16_text
 from daemon.video import write_video
 from tests.pipeline_fixtures import synthetic_clip, tiny_model_dir
 
@@ -81,7 +81,7 @@ def test_process_writes_npz_png_and_preview(tmp_path_factory: pytest.TempPathFac
 
 
 def test_make_tiny_is_complete_and_idempotent(tmp_path_factory: pytest.TempPathFactory) -> None:
-    from daemon.tiny import PARTS, make_tiny, missing_parts
+    from daemon.weights.tiny import PARTS, make_tiny, missing_parts
 
     model = tiny_model_dir(tmp_path_factory.getbasetemp())
     assert missing_parts(model) == []
@@ -121,7 +121,7 @@ def test_every_run_py_option_is_accepted() -> None:
     save_folder's file naming, --model-dir replaces cache_dir and the hub."""
     import argparse
 
-    from daemon.process import register
+    from daemon.commands.process import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
@@ -141,12 +141,12 @@ def test_every_run_py_option_is_accepted() -> None:
 
 
 def test_downsample_matches_run_py_torch_ops() -> None:
-    """daemon.downsample vs the torch calls of run.py (F.interpolate bicubic+antialias then clamp; bilinear
+    """daemon.model.downsample vs the torch calls of run.py (F.interpolate bicubic+antialias then clamp; bilinear
     back; mask bilinear > 0.5)."""
     import torch
     import torch.nn.functional as F
 
-    from daemon.downsample import downsample_frames, upsample_output
+    from daemon.model.downsample import downsample_frames, upsample_output
 
     frames, points, mask = synthetic_clip(2, 36, 50, seed=3)
     got = downsample_frames(frames, 1.7)

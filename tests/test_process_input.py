@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from daemon.cli import main
-from daemon.process import prior_ring_slots
+from daemon.offline.process import prior_ring_slots
 from daemon.video import VideoError, read_frames
 from tests.pipeline_fixtures import tiny_model_dir
 

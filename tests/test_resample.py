@@ -1,4 +1,4 @@
-"""daemon.resample vs the PyTorch / kornia-equivalent / diffusers references (spec 4.8).
+"""daemon.model.resample vs the PyTorch / kornia-equivalent / diffusers references (spec 4.8).
 
 Tolerances (absolute, data in [0,1] or N(0,1), torch float32 as the reference like upstream): bilinear and
 AA bicubic 1e-6, nearest-exact exact; torch's float32 *plain* bicubic weights (align_corners=True, used by
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from daemon import resample
+from daemon.model import resample
 
 SIZES = [((24, 40), (64, 128)), ((72, 100), (64, 128)), ((65, 33), (30, 17)), ((10, 14), (31, 7))]
 

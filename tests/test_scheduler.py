@@ -8,7 +8,7 @@ import torch
 from diffusers import EulerDiscreteScheduler
 
 from daemon.model.scheduler import load_scheduler_config, make_schedule, schedule_from_config
-from daemon.tiny import SCHEDULER_CONFIG
+from daemon.weights.tiny import SCHEDULER_CONFIG
 
 SPEC_TABLE = [  # i, sigma, c_noise (spec 4.4)
     (0, 700.0, 1.6377701),

@@ -1,4 +1,4 @@
-"""Streaming statistics policies (daemon/streaming_stats.py) on the drift clip (bench/drift_clip.py): known
+"""Streaming statistics policies (daemon/model/streaming_stats.py) on the drift clip (bench/drift_clip.py): known
 geometry, exact priors, no networks. The figures are in docs/streaming.md."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from bench.drift_clip import CUT, compare, drift_clip, figures, run_policy
-from daemon.prior_post import compute_stats
-from daemon.streaming_stats import FollowStats, PolicyParams, StreamStats, follow_focal, frame_stat
+from daemon.model.prior_post import compute_stats
+from daemon.model.streaming_stats import FollowStats, PolicyParams, StreamStats, follow_focal, frame_stat
 
 
 @pytest.mark.parametrize("window,overlap", [(110, 25), (25, 5)])

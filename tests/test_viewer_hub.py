@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from daemon.pipeline import FrameResult
+from daemon.frames import FrameResult
 from daemon.viewer.hub import _Latest, colorize_depth, encode_message
 
 H, W = 48, 80

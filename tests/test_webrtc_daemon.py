@@ -1,7 +1,7 @@
 """WebRTC ingest end to end: ``geometryd run`` (subprocess; tiny model; real mosquitto) with a webrtc source.
 
 1. An aiortc client (this process) publishes a synthetic numpy track through WHIP; its frames reach the
-   pipeline and results arrive on MQTT (``daemon.subscribe.iter_frames``).
+   pipeline and results arrive on MQTT (``daemon.wire.subscribe.iter_frames``).
 2. Protocol errors (bad SDP, missing/wrong token, busy source, unknown session/source, wrong content
    type) answer clean 4xx and the daemon stays healthy; a new session after DELETE is accepted.
 3. Headless Debian Chromium publishes its fake camera through the viewer's WHIP page (token via

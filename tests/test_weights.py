@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon import manifest, weights
-from daemon.manifest import COMPONENTS, check_model_dir, load_manifest, read_safetensors_header
+from daemon.weights import manifest
+from daemon.commands import weights as weights_cli
+from daemon.weights import pull as weights
+from daemon.weights.manifest import COMPONENTS, check_model_dir, load_manifest, read_safetensors_header
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_KEYS = REPO.parent / "shared" / "spec" / "geometrycrafter_keys"
@@ -93,7 +95,7 @@ def run_cli(
 def run_main(*args: str) -> subprocess.CompletedProcess[str]:
     """The same command in-process (saves the ~0.5 s interpreter start-up per call)."""
     parser = argparse.ArgumentParser(prog="geometryd")
-    weights.register(parser.add_subparsers(dest="command"))  # only this module: others' files may be mid-edit
+    weights_cli.register(parser.add_subparsers(dest="command"))  # only this module: others' files may be mid-edit
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         ns = parser.parse_args(["weights", *args])
@@ -277,7 +279,7 @@ EXTRA_SHORTCUT = "down_blocks.0.resnets.1.spatial_res_block.conv_shortcut.weight
 def test_structure_only_passes_tiny_shapes_but_full_check_fails(tmp_path: Path) -> None:
     root = tmp_path / "tiny"
     make_full_layout(root)
-    # What daemon/tiny_configs.py changes: every width (shapes), CLIP depth (2 layers, declared in its
+    # What daemon/weights/configs.py changes: every width (shapes), CLIP depth (2 layers, declared in its
     # config.json), and so the conv_shortcuts of resnets that no longer change width.
     for comp in (c for c in COMPONENTS.values() if c.manifest):
         for path in (root / comp.name).glob("*.safetensors"):
@@ -379,7 +381,7 @@ def test_pull_offline_fails_fast_with_clear_message(tmp_path: Path) -> None:
 def test_hub_client_offline_error_is_explained(tmp_path: Path) -> None:
     """Past our own pre-check, the hub client itself fails fast offline; the error becomes one clear line."""
     code = (
-        "import sys; from pathlib import Path; from daemon import weights\n"
+        "import sys; from pathlib import Path; from daemon.weights import pull as weights\n"
         "weights.hub_offline = lambda: False\n"
         "try:\n"
         f"    weights.pull(Path({str(tmp_path / 'w')!r}), weights.pull_plan('diff')[:1])\n"
@@ -417,12 +419,12 @@ def test_gated_error_message_names_token_and_licence() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
-# weights make-tiny (delegates to daemon.tiny; slow: builds tiny torch models)
+# weights make-tiny (delegates to daemon.weights.tiny; slow: builds tiny torch models)
 
 
 @pytest.mark.slow
 def test_make_tiny_folder_passes_structure_check(tmp_path: Path) -> None:
-    tiny = pytest.importorskip("daemon.tiny")
+    tiny = pytest.importorskip("daemon.weights.tiny")
     try:
         import daemon.model as dm
 

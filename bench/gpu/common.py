@@ -3,7 +3,7 @@ timing and device-memory helpers. Imports only the standard library at module le
 the PyTorch process (numpy 2) and by the Jittor process (numpy 1.26 from its own --target dir).
 
 Official configs: ../shared/spec/geometrycrafter.md section 1.2 (values of the SVD-xt UNet / VAE / CLIP
-and the point-map VAE); ``--dry-run-cpu`` uses the tiny configs of daemon/tiny_configs.py instead.
+and the point-map VAE); ``--dry-run-cpu`` uses the tiny configs of daemon/weights/configs.py instead.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from daemon.tiny_configs import (  # noqa: E402  (after the path fix: run as a script on the GPU machine)
+from daemon.weights.configs import (  # noqa: E402  (after the path fix: run as a script on the GPU machine)
     OFFICIAL_CLIP_VISION,
     OFFICIAL_SVD_VAE,
     OFFICIAL_UNET,
@@ -90,7 +90,7 @@ def plan_from_env() -> Plan:
 
 def unet_config(plan: Plan) -> dict[str, Any]:
     if plan.dry_run_cpu:
-        from daemon.tiny_configs import TINY_UNET
+        from daemon.weights.configs import TINY_UNET
 
         return dict(TINY_UNET)
     return dict(OFFICIAL_UNET)
@@ -98,7 +98,7 @@ def unet_config(plan: Plan) -> dict[str, Any]:
 
 def svd_vae_config(plan: Plan) -> dict[str, Any]:
     if plan.dry_run_cpu:
-        from daemon.tiny_configs import TINY_SVD_VAE
+        from daemon.weights.configs import TINY_SVD_VAE
 
         return dict(TINY_SVD_VAE)
     return dict(OFFICIAL_SVD_VAE)
@@ -106,14 +106,14 @@ def svd_vae_config(plan: Plan) -> dict[str, Any]:
 
 def clip_config(plan: Plan) -> dict[str, Any]:
     if plan.dry_run_cpu:
-        from daemon.tiny_configs import TINY_CLIP_VISION
+        from daemon.weights.configs import TINY_CLIP_VISION
 
         return dict(TINY_CLIP_VISION)
     return dict(OFFICIAL_CLIP_VISION)
 
 
 def point_map_vae_config(plan: Plan) -> dict[str, Any]:
-    from daemon.tiny_configs import OFFICIAL_POINT_MAP_VAE, TINY_POINT_MAP_VAE
+    from daemon.weights.configs import OFFICIAL_POINT_MAP_VAE, TINY_POINT_MAP_VAE
 
     return dict(TINY_POINT_MAP_VAE if plan.dry_run_cpu else OFFICIAL_POINT_MAP_VAE)
 

@@ -57,8 +57,8 @@ def prepare(plan: common.Plan, model_dir: Path, work: Path) -> dict[str, Any]:
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from daemon.tiny import PREPROCESSOR_CONFIG, SCHEDULER_CONFIG
-    from daemon.tiny_configs import UNET_IN_CHANNELS
+    from daemon.weights.tiny import PREPROCESSOR_CONFIG, SCHEDULER_CONFIG
+    from daemon.weights.configs import UNET_IN_CHANNELS
     from tests.torch_ref_pmap_vae import TorchPointMapVae
 
     dev, net_dt = plan.device, _torch_dtype(plan.dtype)

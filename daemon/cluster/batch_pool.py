@@ -1,4 +1,4 @@
-"""`geometryd batch --ray`: a pool of Ray actors, each holding the model (daemon.batch_worker.BatchWorker).
+"""`geometryd batch --ray`: a pool of Ray actors, each holding the model (daemon.offline.worker.BatchWorker).
 
 Every actor asks for ``gpus_per_worker`` GPUs (Ray sets ``CUDA_VISIBLE_DEVICES``) plus a CPU share
 (:data:`daemon.cluster.ray_env.ACTOR_CPUS`) and loads the networks in ``__init__``, on the actor's main
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from daemon.batch_worker import BatchWorker, ProcessOptions, VideoResult
+from daemon.offline.worker import BatchWorker, ProcessOptions, VideoResult
 from daemon.cluster.ray_env import ACTOR_CPUS, cluster_gpus, init_ray, shutdown_ray
 
 log = logging.getLogger(__name__)

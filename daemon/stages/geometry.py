@@ -74,7 +74,7 @@ class SessionParams:
     force_fixed_focal: bool = True
     use_extract_interp: bool = False
     seed: int = 42
-    stats_policy: str = "follow"  # streaming.stats and its parameters (daemon/streaming_stats.py)
+    stats_policy: str = "follow"  # streaming.stats and its parameters (daemon/model/streaming_stats.py)
     stats_smoothing: float = 0.5
     stats_max_step: float = 0.4
     cut_threshold: float = 0.4
@@ -103,7 +103,7 @@ class PipelineGeometry:
 
     def new_session(self) -> Session:
         from daemon.pipeline import StreamingSession
-        from daemon.streaming_stats import PolicyParams
+        from daemon.model.streaming_stats import PolicyParams
 
         p = self.params
         return StreamingSession(
@@ -124,7 +124,7 @@ class _IdentitySession:
 
     def push_window(self, frames: np.ndarray, prior_points: np.ndarray, prior_mask: np.ndarray,
                     first_frame_index: int) -> list[Any]:
-        from daemon.pipeline import FrameResult
+        from daemon.frames import FrameResult
 
         if self.delay_s:
             time.sleep(self.delay_s)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from daemon.frames import IngestFrame
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,6 @@ class IngestError(RuntimeError):
 
 class StallError(IngestError):
     """No frame arrived within the stall timeout."""
-
-
-@dataclass
-class IngestFrame:
-    image: np.ndarray  # (H, W, 3) uint8 RGB at the processing size
-    pts: float  # seconds on the source's timeline (continues across loops/reconnects)
-    t_ingest: float  # time.monotonic() when the frame was decoded (end-to-end latency origin)
 
 
 class ThreadedReader:

@@ -17,7 +17,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from daemon.redact import scrub
-from daemon.stages.ingest_file import IngestError, IngestFrame, StallError, ThreadedReader, decode_container
+from daemon.frames import IngestFrame
+from daemon.stages.ingest_file import IngestError, StallError, ThreadedReader, decode_container
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from daemon.resample import normalized_grid
-from daemon.streaming_stats import JITTER_FACTOR, JITTER_FRAMES
+from daemon.model.resample import normalized_grid
+from daemon.model.streaming_stats import JITTER_FACTOR, JITTER_FRAMES
 
 
 @dataclass

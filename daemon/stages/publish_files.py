@@ -5,7 +5,7 @@ The npz matches GeometryCrafter's ``run.py`` output (spec 4.7 step 7: ``np.savez
 int64 (T,), ``window_id`` int64 (T,), ``pts`` float64 (T,) and ``intrinsics`` float32 (T,4) (fx, fy, cx, cy).
 Layout: ``<dir>/<source>/window_<window_id:06d>.npz`` (``npz = "window"``: one file per pipeline window id,
 written when the next window starts or at close) or ``<dir>/<source>/clip.npz`` (``npz = "clip"``, at
-close); PNG: ``<dir>/<source>/depth/<frame_index:06d>.png`` (png16 encoding of ``daemon.encoding``, its
+close); PNG: ``<dir>/<source>/depth/<frame_index:06d>.png`` (png16 encoding of ``daemon.wire.encoding``, its
 ``depth_quant_scale``/``depth_quant_offset`` in tEXt chunks).
 Frames are appended to raw temp files as they arrive and the npz is assembled at the end, so memory stays at
 one frame whatever the clip length. Every file is written to a temp name and renamed (atomic).
@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from daemon import encoding
+from daemon.wire import encoding
 
 log = logging.getLogger(__name__)
 

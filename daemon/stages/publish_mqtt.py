@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from daemon import encoding
+from daemon.wire import encoding
 
 log = logging.getLogger(__name__)
 

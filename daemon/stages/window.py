@@ -21,15 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
-
-
-@dataclass
-class FrameMeta:
-    seq: int  # position among admitted frames of this source (what the pipeline sees as frame index)
-    frame_index: int  # the source's own frame number (published)
-    pts: float
-    t_ingest: float
-    window_fps: float = 0.0  # effective source frame rate of the window this frame entered as new (pts)
+from daemon.frames import FrameMeta
 
 
 @dataclass

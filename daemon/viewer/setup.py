@@ -8,18 +8,17 @@ every published result into it) and the ``setup(app)`` callback that registers t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from aiohttp import web
 
-from daemon.stages.ingest_webrtc import WebrtcSource, WebrtcSources, limit_ice_addresses
+from daemon.config import Config
+from daemon.metrics import Metrics
+from daemon.stages.ingest_webrtc import WebrtcSource, WebrtcSources, add_whip_routes, limit_ice_addresses
+from daemon.viewer import routes
 from daemon.viewer.hub import ResultsHub
 
 
-def build_web(cfg: Any, metrics: Any) -> tuple[WebrtcSources, ResultsHub, Callable[[web.Application], None]]:
-    from daemon import whip
-    from daemon.viewer import routes
-
+def build_web(cfg: Config, metrics: Metrics) -> tuple[WebrtcSources, ResultsHub, Callable[[web.Application], None]]:
     limit_ice_addresses(cfg.http.bind)
     g = cfg.geometry
     sources: dict[str, WebrtcSource] = {}
@@ -42,7 +41,7 @@ def build_web(cfg: Any, metrics: Any) -> tuple[WebrtcSources, ResultsHub, Callab
     types = {name: src.type for name, src in cfg.sources.items()}
 
     def setup(app: web.Application) -> None:
-        whip.add_routes(app, webrtc)
+        add_whip_routes(app, webrtc)
         routes.add_routes(app, hub, lambda: types)
 
     return webrtc, hub, setup

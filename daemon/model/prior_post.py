@@ -8,7 +8,7 @@ offline pipeline computes them over the whole clip.
 Speed: both functions work frame by frame on reused buffers with in-place ufuncs, in the same order of
 float32 operations as the spec's formulas (so the results are the same float32 values as the literal
 whole-array code, tests/glue_reference.py), and the resizes are the banded products of
-:mod:`daemon.resample`. The per-frame disparity quantiles are order statistics of the valid depths (the
+:mod:`daemon.model.resample`. The per-frame disparity quantiles are order statistics of the valid depths (the
 disparity is a monotone function of depth), found by a sampled threshold and a partition of the few
 candidates instead of a partition of the whole frame.
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from daemon import resample
+from daemon.model import resample
 
 Q_LO = 1 - 0.99  # 0.010000000000000009, as upstream writes it
 Q_HI = 0.99

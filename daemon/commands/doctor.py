@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 _JSON_MARK = "GEOMETRYD_DOCTOR_JSON:"
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _CUDNN_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/local/cuda/lib64",
                "/usr/local/cuda/lib", "/usr/lib64", "/usr/lib")
 
@@ -452,7 +452,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def standalone(argv: list[str] | None = None) -> int:
-    """``python -m daemon.doctor``: the doctor without the CLI, which imports every command module (and so
+    """``python -m daemon.commands.doctor``: the doctor without the CLI, which imports every command module (and so
     fails before any check when, say, numpy is broken)."""
     parser = argparse.ArgumentParser(prog="geometryd")
     register(parser.add_subparsers(dest="command", required=True))

@@ -1,6 +1,6 @@
 """One batch worker: the model loaded once, then one video file after another (`geometryd batch`).
 
-Same stages and parameters as `geometryd process` (daemon/process.py): PyAV decode -> MoGe priors through the
+Same stages and parameters as `geometryd process` (daemon/offline/process.py): PyAV decode -> MoGe priors through the
 real sidecar process -> ``GeometryCrafter.__call__`` -> ``point_map`` float16 / ``mask`` bool npz. The
 difference is lifetime: the Jittor networks and the sidecar are started once per worker (a Ray actor, or the
 CLI process when serial) and reused for every video. The sidecar's asyncio supervisor runs on an event loop
@@ -95,13 +95,13 @@ class BatchWorker:
             return self.load_s
         from daemon.jittor_env import import_jittor
         from daemon.pipeline import GeometryCrafter
-        from daemon.process import _network_dtype
+        from daemon.offline.process import network_dtype
         from daemon.stages.prior import PriorSettings, PriorSidecar
 
         t0 = time.perf_counter()
         import_jittor()
         o = self.opts
-        self._gc = GeometryCrafter.from_pretrained(o.model_dir, variant=o.variant, dtype=_network_dtype(o.dtype))
+        self._gc = GeometryCrafter.from_pretrained(o.model_dir, variant=o.variant, dtype=network_dtype(o.dtype))
         ckpt = Path(o.model_dir) / "moge" / "model.pt"
         settings = PriorSettings(checkpoint=str(ckpt), python=o.prior_python, device=o.device, fp16=False,
                                  resolution_level=9, request_timeout_s=3600.0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from daemon import resample
+from daemon.model import resample
 
 
 def downsampled_size(h0: int, w0: int, ratio: float) -> tuple[int, int]:

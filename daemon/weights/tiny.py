@@ -3,7 +3,7 @@
 Layout (spec 1.1): ``unet_diff/`` (in_channels 12), ``unet_determ/`` (in_channels 8), ``point_map_vae/``,
 ``vae/`` (SVD AutoencoderKLTemporalDecoder), ``image_encoder/`` (CLIPVisionModelWithProjection),
 ``feature_extractor/preprocessor_config.json``, ``scheduler/scheduler_config.json``, ``moge/model.pt``.
-Configs come from :mod:`daemon.tiny_configs`. The reference classes are diffusers/transformers (torch);
+Configs come from :mod:`daemon.weights.configs`. The reference classes are diffusers/transformers (torch);
 the point-map VAE has no library class, so it is built by ``daemon.model.init_point_map_vae`` and
 ``moge/model.pt`` by ``moge_sidecar.tiny.make_tiny_moge``. torch, diffusers and transformers are imported
 lazily (only this function needs them).
@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon import tiny_configs
+from daemon.weights import configs as tiny_configs
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Check a model folder against the official key manifests without loading a single tensor.
 
-The manifests (``daemon/manifests/*.tsv``, one ``key<TAB>[shape]`` per line) are copies of
+The manifests (``daemon/weights/manifests/*.tsv``, one ``key<TAB>[shape]`` per line) are copies of
 ``../shared/spec/geometrycrafter_keys`` (spec sections 2.1-2.4), shipped inside the package so an installed
 daemon can check its weights. A safetensors file is read only up to the end of its header: 8-byte
 little-endian header length, then a JSON object ``{key: {dtype, shape, data_offsets}, "__metadata__": ...}``;
@@ -50,7 +50,7 @@ class TensorInfo:
 
 
 def load_manifest(name: str) -> dict[str, Shape]:
-    """``{key: shape}`` from ``daemon/manifests/<name>.tsv`` (file order kept)."""
+    """``{key: shape}`` from ``daemon/weights/manifests/<name>.tsv`` (file order kept)."""
     out: dict[str, Shape] = {}
     for line in (MANIFEST_DIR / f"{name}.tsv").read_text().splitlines():
         if line.strip():
@@ -108,7 +108,7 @@ class Component:
     """One sub-folder of the model folder and what it must contain."""
 
     name: str  # sub-folder
-    manifest: str | None  # daemon/manifests/<manifest>.tsv, None for json-only parts
+    manifest: str | None  # daemon/weights/manifests/<manifest>.tsv, None for json-only parts
     weight_files: tuple[str, ...] = ()  # accepted file names, in loader preference order
     json_files: tuple[str, ...] = ("config.json",)
     optional_prefixes: tuple[str, ...] = ()  # manifest keys that may be absent (unused parts)

@@ -2,7 +2,7 @@
 
 Pure numpy, no networks (docs/streaming.md "Statistics that follow the scene"). Two policies:
 
-- ``frozen`` (the 0.1.0 behaviour, the baseline): :func:`daemon.prior_post.compute_stats` on the first
+- ``frozen`` (the 0.1.0 behaviour, the baseline): :func:`daemon.model.prior_post.compute_stats` on the first
   window, kept for the life of the session (invalid pixels take part in the quantiles, as upstream).
 - ``follow``: per segment (the stream between scene cuts and source restarts). A segment's first frames are
   anchored on the segment's own frames of their window. Each later window estimates a target over ALL its
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from daemon.prior_post import Q_HI, Q_LO, PriorStats, compute_stats
+from daemon.model.prior_post import Q_HI, Q_LO, PriorStats, compute_stats
 
 POLICIES = ("follow", "frozen")
 JITTER_FACTOR = 4.0  # a cut must stand out of the recent frame-to-frame changes by this factor

@@ -1,11 +1,11 @@
 """`geometryd demo`: the whole product on this machine in a few minutes, with no weights and no setup.
 
 1. writes a synthetic sample clip (PyAV, a moving scene) into the work folder;
-2. builds (or reuses) a tiny random-weight model folder (``daemon.tiny.make_tiny``);
+2. builds (or reuses) a tiny random-weight model folder (``daemon.weights.tiny.make_tiny``);
 3. starts a local mosquitto on a free port when it is installed (otherwise the file sink is used);
 4. runs ``geometryd run --exit-when-done`` on the clip (a real daemon process with its MoGe sidecar, shared
    memory and the Jittor pipeline on the CPU) with a config written to the work folder;
-5. subscribes (``daemon.subscribe.iter_frames``) and prints one line per received frame;
+5. subscribes (``daemon.wire.subscribe.iter_frames``) and prints one line per received frame;
 6. writes a colourised depth preview (PNG contact sheet + MP4) and says what the numbers mean.
 
 Random weights make no real prediction: the point is the plumbing. Real weights: ``geometryd weights pull
@@ -201,7 +201,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if model_dir is None:
         # On the main thread, before the event loop: Jittor's compile pool must belong to the main thread
         # (see daemon.jittor_env.import_jittor), and nothing else runs yet.
-        from daemon.tiny import make_tiny
+        from daemon.weights.tiny import make_tiny
 
         model_dir = Path("var/tiny-model").resolve()
         _say(f"tiny random-weight model -> {model_dir} (built once, reused)")
@@ -280,7 +280,7 @@ async def _demo(args: argparse.Namespace, model_dir: Path) -> int:
 async def _start_subscriber(port: int, received: dict[int, Any]) -> tuple[asyncio.Task[None], asyncio.Event]:
     import numpy as np
 
-    from daemon.subscribe import iter_frames
+    from daemon.wire.subscribe import iter_frames
 
     ready = asyncio.Event()
 
