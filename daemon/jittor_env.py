@@ -145,6 +145,9 @@ def signal_handler_address(signum: int) -> int:
     return int(ctypes.c_void_p.from_buffer(buf).value or 0)
 
 
+_IMPORTED: ModuleType | None = None  # set once import_jittor() has configured and imported Jittor
+
+
 def import_jittor() -> ModuleType:
     """Configure the environment, import Jittor, and select CUDA when it is usable.
 
@@ -155,6 +158,9 @@ def import_jittor() -> ModuleType:
     ``geometryd demo``) and its atexit cleanup then waits forever for a lock a killed worker held. Kernels
     are then compiled one by one; commands do their Jittor work on the main thread.
     """
+    global _IMPORTED
+    if _IMPORTED is not None:  # the model code calls this per op: no driver probe after the first call
+        return _IMPORTED
     first_import = "jittor" not in sys.modules
     cuda = configure()
     if first_import:
@@ -168,4 +174,5 @@ def import_jittor() -> ModuleType:
     import jittor
 
     jittor.flags.use_cuda = 1 if cuda.driver_ok and jittor.has_cuda else 0
+    _IMPORTED = jittor
     return jittor

@@ -55,3 +55,21 @@ def test_child_killed_by_signal_does_not_kill_a_jittor_process(where: str) -> No
     assert "SURVIVED child SIGSTOP" in out.stdout
     assert "KeyboardInterrupt raised" in out.stdout
     assert "quick exit" not in out.stderr
+
+
+def test_import_jittor_probes_the_driver_once() -> None:
+    """The model code calls import_jittor() for every op it builds (4152 calls in one anchor run): after the
+    first call it must not probe the CUDA driver again (dlopen + cuInit + PATH search per call cost seconds)."""
+    code = textwrap.dedent(
+        """
+        from daemon import jittor_env
+        jt = jittor_env.import_jittor()
+        def probe():
+            raise AssertionError("detect_cuda called again")
+        jittor_env.detect_cuda = probe
+        assert jittor_env.import_jittor() is jt
+        print("once")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "once" in out.stdout, out.stderr[-2000:]
