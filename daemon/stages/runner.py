@@ -10,6 +10,7 @@ dropped{reason}.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
