@@ -97,8 +97,8 @@ class Metrics:
                                    ["sink", "source"], registry=r)
         self.sink_files = Counter("geometryd_sink_files", "Files a recording sink opened (rotation)",
                                   ["sink", "source"], registry=r)
-        self.foxglove_clients = Gauge("geometryd_foxglove_clients", "Clients of the live Foxglove server",
-                                      registry=r)
+        self.foxglove_subscriptions = Gauge("geometryd_foxglove_subscriptions",
+                                            "Channel subscriptions of live Foxglove clients", registry=r)
         self.counts: dict[str, SourceCounts] = {}
 
     def source(self, name: str) -> SourceCounts:

@@ -14,12 +14,6 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
-from foxglove_decode import cloud_xyz, depth_array, read_mcap
-from mqtt_helpers import make_frame
-
-from daemon.config import ConfigError, McapConfig, parse_config
-from daemon.stages.publish_mcap import McapRecorder
-from daemon.wire import foxglove as fx
 from daemon_fixtures import (
     DaemonProcess,
     assert_balanced,
@@ -29,6 +23,12 @@ from daemon_fixtures import (
     tiny_model,  # noqa: F401 (fixture)
     write_config,
 )
+from foxglove_decode import cloud_xyz, depth_array, read_mcap
+from mqtt_helpers import make_frame
+
+from daemon.config import ConfigError, McapConfig, parse_config
+from daemon.stages.publish_mcap import McapRecorder
+from daemon.wire import foxglove as fx
 from tests.pipeline_fixtures import synthetic_clip, tiny_model_dir
 
 H, W = 12, 20
@@ -63,8 +63,8 @@ def test_recorder_channels_decode_and_match_the_frames(tmp_path: Path) -> None:
                        "/tf": "foxglove.FrameTransform"}
     assert {c.topic: c.metadata for c in got.channels.values()}["/cam/depth"] == {"units": "relative"}
     for i, f in enumerate(frames):
-        ns = int(round((10.0 + i / 30) * 1e9))
-        (t, depth), = [(t, m) for t, m in got.topic("/cam/depth") if t == ns]
+        ns = round((10.0 + i / 30) * 1e9)
+        (_, depth), = [(t, m) for t, m in got.topic("/cam/depth") if t == ns]
         assert depth.timestamp.seconds * 10**9 + depth.timestamp.nanos == ns
         d = depth_array(depth)
         np.testing.assert_array_equal(d[f.mask], f.depth[f.mask])  # float32, bit for bit
@@ -159,7 +159,7 @@ def test_daemon_records_every_frame_like_the_file_sink(tiny_model: Path, tmp_pat
     npz = np.load(out / "cam" / "clip.npz")
     order = np.argsort(npz["frame_index"])
     depth_msgs = sorted(got.topic("/cam/depth"))
-    assert [t for t, _ in depth_msgs] == [int(round(p * 1e9)) for p in npz["pts"][order]]
+    assert [t for t, _ in depth_msgs] == [round(p * 1e9) for p in npz["pts"][order]]
     for k, (_, msg) in zip(order, depth_msgs):
         m = npz["mask"][k]
         np.testing.assert_array_equal(depth_array(msg)[m], npz["depth"][k][m])
@@ -240,7 +240,7 @@ def test_process_out_mcap_matches_npz(tmp_path_factory: pytest.TempPathFactory) 
     topics = {t for t, _, _ in got.messages}
     assert topics == {"/my_clip/depth", "/my_clip/color", "/my_clip/points", "/my_clip/calibration", "/tf"}
     depth = sorted(got.topic("/my_clip/depth"))
-    assert [t for t, _ in depth] == [int(round(i / 10 * 1e9)) for i in range(T)]
+    assert [t for t, _ in depth] == [round(i / 10 * 1e9) for i in range(T)]
     for i, (_, msg) in enumerate(depth):
         m = npz["mask"][i]
         d = depth_array(msg)

@@ -117,13 +117,13 @@ class FoxgloveLive:
             self.server = None
 
     def watched(self, source: str) -> bool:
+        if self.metrics is not None:
+            self.metrics.foxglove_subscriptions.set(self.subs.total())
         return self.subs.any(self._topics.get(source, []))
 
     def write_frame(self, source: str, result: Any, pts: float, image: Any = None, jpeg: bytes | None = None) -> bool:
         """Publish one frame if anyone watches its source (True when it was sent). Blocks on encoding:
         call it from a worker thread in async code."""
-        if self.metrics is not None:
-            self.metrics.foxglove_clients.set(self.subs.total())
         if not self.watched(source):
             return False
         try:

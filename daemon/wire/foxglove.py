@@ -52,7 +52,7 @@ class Message:
 
     topic: str
     message: Any
-    schema: type
+    schema: Any  # the foxglove.messages class (get_schema, encode)
 
 
 def topics(source: str, *, colour: bool) -> list[tuple[str, type]]:
@@ -71,7 +71,7 @@ def camera_frame(source: str) -> str:
 
 def stamp(pts: float) -> tuple[int, Timestamp]:
     """pts seconds -> (nanoseconds, Timestamp)."""
-    ns = max(0, int(round(pts * 1e9)))
+    ns = max(0, round(pts * 1e9))
     return ns, Timestamp(sec=ns // 1_000_000_000, nsec=ns % 1_000_000_000)
 
 
