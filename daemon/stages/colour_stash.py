@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from daemon.wire.foxglove import encode_jpeg
+from daemon.wire.jpeg import encode_jpeg
 
 
 class ColourStash:

@@ -40,10 +40,11 @@ from foxglove.messages import (
     Vector3,
 )
 
+from daemon.wire.jpeg import decode_jpeg, encode_jpeg
+
 WORLD_FRAME = "world"
 # camera optical (x right, y down, z forward) -> world (x forward, y left, z up): rotation (x, y, z, w)
 _OPTICAL_TO_WORLD = (-0.5, 0.5, -0.5, 0.5)
-JPEG_QUALITY = 90
 
 
 @dataclass(frozen=True)
@@ -79,22 +80,6 @@ def pixel_k(intrinsics: tuple[float, float, float, float], width: int, height: i
     """Normalised (fx, fy, cx, cy) -> row-major 3x3 K in pixels (integer pixel centres)."""
     fx, fy, cx, cy = (float(v) for v in intrinsics)
     return [fx * width, 0.0, cx * width - 0.5, 0.0, fy * height, cy * height - 0.5, 0.0, 0.0, 1.0]
-
-
-def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
-    """(H, W, 3) uint8 RGB -> JPEG bytes."""
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise ValueError(f"JPEG encoding failed for an image of shape {image.shape}")
-    return buf.tobytes()
-
-
-def decode_jpeg(data: bytes) -> np.ndarray:
-    """JPEG bytes -> (H, W, 3) uint8 RGB."""
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"not a JPEG image ({len(data)} bytes)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def depth_image(result: Any, frame_id: str, ts: Timestamp) -> RawImage:
