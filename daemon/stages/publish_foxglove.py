@@ -106,7 +106,7 @@ class FoxgloveLive:
             await self.gate.start()
             self.port = self.gate.port
         log.info("foxglove live server listening", extra={"bind": self.fcfg.bind, "port": self.port,
-                                                           "auth": bool(token)})
+                                                           "token_required": bool(token)})
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -100,13 +100,14 @@ def point_cloud(result: Any, stride: int, frame_id: str, ts: Timestamp, image: n
         data, point_stride = xyz.tobytes(), 12
     else:
         rgb = np.asarray(image, np.uint8)[::stride, ::stride][valid]  # (N, 3)
-        rec = np.empty(len(xyz), dtype=[("xyz", "<f4", 3), ("rgba", "u1", 4)])
-        rec["xyz"] = xyz
-        rec["rgba"][:, :3] = rgb
-        rec["rgba"][:, 3] = 255
+        rec = np.empty((len(xyz), 4), "<f4")  # x, y, z, then the 4 colour bytes in the 4th float's place
+        rec[:, :3] = xyz
+        raw = rec.view(np.uint8)  # (N, 16)
+        raw[:, 12:15] = rgb
+        raw[:, 15] = 255
         fields += [PackedElementField(name=n, offset=12 + i, type=u8)
                    for i, n in enumerate(("red", "green", "blue", "alpha"))]
-        data, point_stride = rec.tobytes(), 16
+        data, point_stride = raw.tobytes(), 16
     return PointCloud(timestamp=ts, frame_id=frame_id, point_stride=point_stride, fields=fields, data=data)
 
 
