@@ -248,3 +248,32 @@ def test_process_out_mcap_matches_npz(tmp_path_factory: pytest.TempPathFactory) 
         np.testing.assert_array_equal(np.isnan(d), ~m)
         # the npz holds float16 point maps: z equals the float32 depth within float16 rounding (2**-11 rel.)
         np.testing.assert_allclose(d[m], npz["point_map"][i][..., 2][m].astype(np.float32), rtol=2**-11, atol=0)
+
+
+def test_write_failure_is_counted_and_raised(tmp_path: Path) -> None:
+    from daemon.metrics import Metrics
+
+    (tmp_path / "cam").write_text("a file where the source folder should be")
+    metrics = Metrics()
+    rec = McapRecorder(McapConfig(enabled=True), str(tmp_path), metrics)
+    with pytest.raises(OSError):
+        rec.write_frame("cam", make_frame(0, H, W), 0.0)
+    rec.write_frame("ok", make_frame(0, H, W), 0.0)
+    rec.close()
+    text = metrics.render().decode()
+    assert 'geometryd_sink_failed_total{sink="mcap",source="cam"} 1.0' in text
+    assert 'geometryd_sink_frames_total{sink="mcap",source="ok"} 1.0' in text
+    assert 'geometryd_sink_files_total{sink="mcap",source="ok"} 1.0' in text
+
+
+def test_colour_stash_is_bounded_and_round_trips() -> None:
+    from daemon.stages.colour_stash import ColourStash
+
+    stash = ColourStash(3)
+    for seq in range(5):
+        stash.put(seq, _image(seq))
+    assert len(stash) == 3 and stash.evicted == 2
+    assert stash.take(0) is None and stash.take(1) is None  # evicted oldest first (dropped frames)
+    jpeg = stash.take(4)
+    assert jpeg is not None and stash.take(4) is None
+    assert np.abs(fx.decode_jpeg(jpeg).astype(int) - _image(4)).mean() < 8
