@@ -41,7 +41,9 @@ __all__ = [
     "DaemonConfig",
     "FilesConfig",
     "GeometryConfig",
+    "FoxgloveConfig",
     "HttpConfig",
+    "McapConfig",
     "LoggingConfig",
     "ModelConfig",
     "MqttConfig",
@@ -63,6 +65,7 @@ SOURCE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "GEOMETRYD_MQTT_PASSWORD": ("mqtt", "password"),
     "GEOMETRYD_HTTP_TOKEN": ("http", "token"),
+    "GEOMETRYD_FOXGLOVE_TOKEN": ("foxglove", "token"),
 }
 DEFAULT_CONFIG_PATH = "config.toml"
 MAX_TIMEOUT_S = 86400.0
@@ -174,6 +177,26 @@ class FilesConfig(_Section, frozen=True, kw_only=True):
     png16_depth: bool = False
 
 
+class McapConfig(_Section, frozen=True, kw_only=True):
+    enabled: bool = False
+    dir: str = ""  # "" = files.dir
+    colour: bool = True
+    points_stride: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
+    compression: Literal["zstd", "lz4", "none"] = "zstd"
+    rotate_mb: Annotated[int, msgspec.Meta(ge=0, le=1 << 20)] = 1024
+    rotate_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_TIMEOUT_S)] = 3600.0
+
+
+class FoxgloveConfig(_Section, frozen=True, kw_only=True):
+    enabled: bool = False
+    bind: Annotated[str, msgspec.Meta(min_length=1)] = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8765
+    token: str = ""
+    colour: bool = True
+    points_stride: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
+    backlog: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 64
+
+
 class OverloadConfig(_Section, frozen=True, kw_only=True):
     policy: Literal["skip", "queue"] = "skip"
     max_queued_windows: Annotated[int, msgspec.Meta(ge=1)] = 2
@@ -260,6 +283,8 @@ class Config(_Section, frozen=True, kw_only=True):
     daemon: DaemonConfig = DaemonConfig()
     streaming: StreamingConfig = StreamingConfig()
     cluster: ClusterConfig = ClusterConfig()
+    mcap: McapConfig = McapConfig()
+    foxglove: FoxgloveConfig = FoxgloveConfig()
     sources: dict[str, Source] = {}
 
     def prior_checkpoint(self) -> Path:
@@ -510,6 +535,7 @@ def _resolve_paths(cfg: Config, base_dir: Path) -> Config:
         prior=replace(cfg.prior, checkpoint=_resolve(cfg.prior.checkpoint, base_dir)),
         mqtt=replace(cfg.mqtt, ca_file=_resolve(cfg.mqtt.ca_file, base_dir)),
         files=replace(cfg.files, dir=_resolve(cfg.files.dir, base_dir)),
+        mcap=replace(cfg.mcap, dir=_resolve(cfg.mcap.dir, base_dir)),
         sources={
             n: replace(s, path=_resolve(s.path, base_dir)) if s.type == "file" else s
             for n, s in cfg.sources.items()
@@ -567,6 +593,7 @@ def _check(cfg: Config) -> None:
     if h.enabled and not _is_loopback(h.bind) and not h.token:
         allowed = "a non-loopback bind needs http.token (or bind 127.0.0.1)"
         raise ConfigError("http.bind", _fmt(h.bind), allowed)
+    _check_token("foxglove", cfg.foxglove.token, cfg.foxglove.enabled, cfg.foxglove.bind)
     for name, src in cfg.sources.items():
         key = f"sources.{name}"
         if src.type == "file" and not src.path:
@@ -583,6 +610,16 @@ def _check(cfg: Config) -> None:
         if src.type == "webrtc" and not h.enabled:
             allowed = f"true: webrtc source {name} needs the HTTP server (WHIP endpoint)"
             raise ConfigError("http.enabled", "false", allowed)
+
+
+def _check_token(section: str, token: str, enabled: bool, bind: str) -> None:
+    """The HTTP rule for any server: a token of visible characters; a non-loopback bind needs one."""
+    if token and (not token.strip() or any(c.isspace() or not c.isprintable() for c in token)):
+        raise ConfigError(f"{section}.token", '"***"', "a token of visible characters (no blanks, spaces or "
+                          'control characters), or "" for no auth')
+    if enabled and not _is_loopback(bind) and not token:
+        allowed = f"a non-loopback bind needs {section}.token (or bind 127.0.0.1)"
+        raise ConfigError(f"{section}.bind", _fmt(bind), allowed)
 
 
 def check_runnable(cfg: Config) -> None:

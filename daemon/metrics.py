@@ -89,6 +89,16 @@ class Metrics:
                                          buckets=_STAGE_BUCKETS, registry=r)
         self.window_fps = Gauge("geometryd_window_fps",
                                 "Effective source frame rate (pts) of the last window", ["source"], registry=r)
+        self.sink_frames = Counter("geometryd_sink_frames", "Frames written by a recording/live sink (mcap, "
+                                   "foxglove)", ["sink", "source"], registry=r)
+        self.sink_bytes = Counter("geometryd_sink_bytes", "Bytes written by a recording/live sink",
+                                  ["sink", "source"], registry=r)
+        self.sink_failed = Counter("geometryd_sink_failed", "Frames a recording/live sink failed to write",
+                                   ["sink", "source"], registry=r)
+        self.sink_files = Counter("geometryd_sink_files", "Files a recording sink opened (rotation)",
+                                  ["sink", "source"], registry=r)
+        self.foxglove_subscriptions = Gauge("geometryd_foxglove_subscriptions",
+                                            "Channel subscriptions of live Foxglove clients", registry=r)
         self.counts: dict[str, SourceCounts] = {}
 
     def source(self, name: str) -> SourceCounts:
@@ -136,6 +146,13 @@ class Metrics:
             d = self.source(source).previews_dropped
             d[reason] = d.get(reason, 0) + n
             self.previews_dropped.labels(source, reason).inc(n)
+
+    def sink_wrote(self, sink: str, source: str, nbytes: int) -> None:
+        self.sink_frames.labels(sink, source).inc()
+        self.sink_bytes.labels(sink, source).inc(nbytes)
+
+    def sink_fail(self, sink: str, source: str) -> None:
+        self.sink_failed.labels(sink, source).inc()
 
     def set_window_fps(self, source: str, fps: float) -> None:
         self.source(source).window_fps = fps

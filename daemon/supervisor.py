@@ -52,6 +52,8 @@ class Daemon:
         self.sidecar: Any = None
         self.mqtt: Any = None
         self.files: Any = None
+        self.mcap: Any = None  # daemon.stages.publish_mcap.McapRecorder
+        self.foxglove: Any = None  # daemon.stages.publish_foxglove.FoxgloveLive
         self.worker: Any = None
         self.lag = LagStats()
         self.aborted_startup = False
@@ -182,7 +184,7 @@ class Daemon:
         parts = Collaborators(cfg=cfg, metrics=self.metrics, sidecar=self.sidecar, worker=self.worker,
                               progress=self.progress, stop_event=self.stop_event, fatal=self.fatal,
                               degraded_reasons=self.degraded_reasons, mqtt=self.mqtt, files=self.files,
-                              hub=self.hub, webrtc=self.webrtc)
+                              hub=self.hub, webrtc=self.webrtc, mcap=self.mcap, foxglove=self.foxglove)
         for name, src in cfg.sources.items():
             runner = SourceRunner(parts, name, src)
             n_slots = slots[name]
@@ -252,6 +254,15 @@ class Daemon:
 
             self.files = FileSink(cfg.files)
             stack.callback(self.files.close)
+        if cfg.mcap.enabled:
+            from daemon.stages.publish_mcap import McapRecorder
+
+            self.mcap = McapRecorder(cfg.mcap, cfg.files.dir, self.metrics)
+            stack.callback(self.mcap.close)
+        if cfg.foxglove.enabled:
+            from daemon.stages.publish_foxglove import FoxgloveLive
+
+            self.foxglove = await stack.enter_async_context(FoxgloveLive(cfg, names, self.metrics))
 
     async def _serve(self) -> int:
         tasks = {name: asyncio.create_task(r.run(), name=f"source-{name}") for name, r in self.runners.items()}

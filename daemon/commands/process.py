@@ -4,7 +4,8 @@ Stages: decode (PyAV) -> MoGe priors through the real sidecar process (``daemon.
 -> ``GeometryCrafter`` (offline ``__call__``) -> ``OUT.npz`` with ``point_map`` float16 (T,H,W,3) and
 ``mask`` bool (T,H,W) (upstream-compatible), optionally a 16-bit PNG depth sequence (the png16 encoding of
 ``daemon.wire.encoding``: inverse depth quantised, 0 = invalid, scale/offset in the PNG's tEXt chunks) and a
-colourised disparity preview (PNG montage or MP4). Exit codes: 0 ok, 2 bad arguments/inputs, 1 failure.
+colourised disparity preview (PNG montage or MP4). ``--out OUT.mcap`` writes the daemon's MCAP channels instead
+of the npz (daemon/stages/publish_mcap.py). Exit codes: 0 ok, 2 bad arguments/inputs, 1 failure.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-dir", type=Path, required=True,
                    help="model folder (merged official layout; replaces run.py --cache_dir and the hub)")
     out = p.add_mutually_exclusive_group(required=True)
-    out.add_argument("--out", type=Path, help="output .npz (point_map float16, mask bool)")
+    out.add_argument("--out", type=Path, help="output .npz (point_map float16, mask bool) or .mcap (the "
+                     "daemon's Foxglove channels: depth, colour, points, calibration; docs/foxglove.md)")
     out.add_argument("--save-folder", type=Path, default=None, metavar="DIR",
                      help="write DIR/<video name>.npz as run.py does")
     # run.py's options under its names (dashes for underscores); the short names are aliases
@@ -108,8 +110,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--preview must end in .png or .mp4, got {args.preview}")
     if args.out is None:
         args.out = args.save_folder / f"{args.video.name.split('.')[0]}.npz"  # run.py's file name
-    if args.out.suffix != ".npz":
-        raise UsageError(f"--out must end in .npz, got {args.out}")
+    if args.out.suffix not in (".npz", ".mcap"):
+        raise UsageError(f"--out must end in .npz or .mcap, got {args.out}")
     from daemon.weights.tiny import missing_parts
 
     need = {f"unet_{args.variant}", "point_map_vae", "vae", "image_encoder", "feature_extractor", "scheduler",

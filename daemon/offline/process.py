@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -87,6 +90,38 @@ def write_png_depth(folder: Path, depth: np.ndarray, mask: np.ndarray) -> list[P
     return paths
 
 
+def mcap_source_name(video: Path) -> str:
+    """The topic prefix of a processed file: its stem, reduced to a source name's characters."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", video.stem)[:32]
+    return name or "video"
+
+
+def write_mcap(path: Path, source: str, frames: np.ndarray, out: Any, fps: float, stride: int) -> Path:
+    """The daemon's MCAP channels (daemon/stages/publish_mcap.py, [mcap] defaults) for a whole clip; frame i
+    at pts ``i * stride / fps``. Written to a temp name and renamed."""
+    from daemon.config import McapConfig
+    from daemon.frames import FrameResult
+    from daemon.stages.publish_mcap import McapFile
+    from daemon.wire import foxglove as fx
+
+    cfg = McapConfig()
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    f = McapFile(tmp, cfg.compression)
+    try:
+        for i in range(out.depth.shape[0]):
+            res = FrameResult(i, 0, out.point_map[i], out.depth[i], out.mask[i],
+                              tuple(float(v) for v in out.intrinsics[i]))  # type: ignore[arg-type]
+            pts = i * stride / fps if fps else float(i)
+            log_ns, messages = fx.frame_messages(source, res, pts, stride=cfg.points_stride,
+                                                 image=frames[i] if cfg.colour else None)
+            f.write(log_ns, messages, fx.channel_metadata(res))
+    finally:
+        f.close()
+    os.replace(tmp, path)
+    return path
+
+
 def process_file(args: argparse.Namespace) -> int:
     """Decode ``args.video``, run priors and GeometryCrafter, write ``args.out`` (+ PNG depth / preview)."""
     from daemon.video import VideoError, read_frames
@@ -143,7 +178,10 @@ def process_file(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out, point_map=out.point_map.astype(np.float16), mask=out.mask.astype(bool))
+    if args.out.suffix == ".mcap":
+        write_mcap(args.out, mcap_source_name(args.video), frames, out, fps, args.stride)
+    else:
+        np.savez(args.out, point_map=out.point_map.astype(np.float16), mask=out.mask.astype(bool))
     if args.png_depth is not None:
         write_png_depth(args.png_depth, out.depth, out.mask)
     if args.preview is not None:

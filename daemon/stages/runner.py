@@ -24,6 +24,7 @@ from daemon.shm import FrameRing, RingFullError
 from daemon.stages.geometry import GeometryFault, GeometryUnavailable, GeometryWorker
 from daemon.stages.ingest_file import FileIngest, IngestError
 from daemon.stages.ingest_rtsp import RtspIngest
+from daemon.stages.colour_stash import ColourStash
 from daemon.stages.preview import PreviewScale, make_preview
 from daemon.stages.prior import PriorSidecar, SidecarBudgetExhausted
 from daemon.frames import FrameMeta
@@ -32,6 +33,8 @@ from daemon.stages.window import Admission, Verdict, Window, WindowBuilder
 if TYPE_CHECKING:
     from daemon.stages.ingest_webrtc import WebrtcSources
     from daemon.stages.publish_files import FileSink
+    from daemon.stages.publish_foxglove import FoxgloveLive
+    from daemon.stages.publish_mcap import McapRecorder
     from daemon.stages.publish_mqtt import MqttPublisher
     from daemon.viewer.hub import ResultsHub
 
@@ -64,6 +67,8 @@ class Collaborators:
     files: FileSink | None = None
     hub: ResultsHub | None = None
     webrtc: WebrtcSources | None = None
+    mcap: McapRecorder | None = None
+    foxglove: FoxgloveLive | None = None
 
 
 class SourceRunner:
@@ -99,6 +104,8 @@ class SourceRunner:
         self.preview_on = bool(getattr(src, "preview", False)) and (cfg.mqtt.enabled or cfg.http.enabled)
         self.preview_scale = PreviewScale(cfg.streaming.cut_threshold)
         self._preview_pending: set[int] = set()  # seqs whose preview was not yet handed to a sink
+        wants_colour = any(s is not None and s.colour for s in (parts.mcap, parts.foxglove))
+        self.colours = ColourStash(4 * cfg.geometry.window_size) if wants_colour else None
 
     def _make_ingest(self) -> Any:
         g = self.d.cfg.geometry
@@ -206,6 +213,8 @@ class SourceRunner:
                 meta = FrameMeta(self._seq, idx, fr.pts, fr.t_ingest)
                 self._seq += 1
                 self.inflight[meta.seq] = meta
+                if self.colours is not None:
+                    self.colours.put(meta.seq, fr.image)
                 if self.preview_on:
                     m.preview_in(self.name)
                     self._preview_pending.add(meta.seq)
@@ -453,6 +462,24 @@ class SourceRunner:
         n = sum(1 for meta in metas if self.inflight.pop(meta.seq, None) is not None)
         self.d.metrics.drop(self.name, reason, n)
 
+    async def _record(self, res: Any, meta: FrameMeta) -> bool:
+        """The MCAP recording (a failure drops the frame, reason ``mcap``) and the live Foxglove view (best
+        effort: a failure is logged and counted by the sink, the frame goes on)."""
+        jpeg = self.colours.take(meta.seq) if self.colours is not None else None
+        if self.d.mcap is not None:
+            try:
+                await asyncio.to_thread(self.d.mcap.write_frame, self.name, res, meta.pts, None, jpeg)
+            except Exception as exc:
+                log.error("mcap sink failed", extra={"source": self.name, "error": str(exc)})
+                self.d.metrics.drop(self.name, "mcap")
+                return False
+        if self.d.foxglove is not None and self.d.foxglove.watched(self.name):
+            try:
+                await asyncio.to_thread(self.d.foxglove.write_frame, self.name, res, meta.pts, None, jpeg)
+            except Exception as exc:
+                log.warning("foxglove live view failed", extra={"source": self.name, "error": str(exc)})
+        return True
+
     async def _publish(self, results: list[Any]) -> None:
         """Hand a window's final frames to the sinks. A frame counts as out once every sink has it (for MQTT:
         once all its messages were published, reported by the publisher's ``on_done``), else as dropped."""
@@ -477,6 +504,8 @@ class SourceRunner:
                     log.error("file sink failed", extra={"source": self.name, "error": str(exc)})
                     m.drop(self.name, "files")
                     continue
+            if not await self._record(res, meta):
+                continue
             if self.d.mqtt is None:
                 m.frame_out(self.name, time.monotonic() - meta.t_ingest)
                 continue
