@@ -6,7 +6,8 @@ stay in the FrameRing (shared memory).
 
 Supervision: ready handshake with `startup_timeout_s`; a ping every `ping_interval_s` (a pong missing for
 `ping_timeout_s` = hung -> kill + restart); a request without an answer after `request_timeout_s` -> kill +
-restart; a crash (EOF on the socket) -> restart with exponential backoff; in-flight requests are retried on
+restart; a crash (EOF on the socket) -> restart (the first at once, the next ones in a row after a
+jittered exponential wait, :class:`daemon.backoff.Backoff`, reset by an answered ping or request); in-flight requests are retried on
 the new process (up to `max_attempts` tries each), never dropped silently; at most `restart_budget`
 restarts per 60 s, then every request fails with PriorError until the budget window frees up.
 """
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from daemon.backoff import Backoff
 from daemon.shm import FrameRing, SlotRef
 
 log = logging.getLogger(__name__)
@@ -92,8 +94,7 @@ class PriorSidecar:
         self.ping_interval_s = ping_interval_s
         self.ping_timeout_s = ping_timeout_s
         self.max_attempts = max_attempts
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
+        self.backoff = Backoff(backoff_initial_s, backoff_max_s)
         self.threads = threads
         self.extra_env = dict(extra_env or {})
         self.log_level, self.log_format = log_level, log_format  # the daemon's [logging]; "" = sidecar default
@@ -302,9 +303,8 @@ class PriorSidecar:
         if len(self._restart_times) >= budget:
             raise SidecarBudgetExhausted(f"MoGe sidecar restart budget exhausted ({budget} per "
                                      f"{_BUDGET_WINDOW_S:.0f} s); last failure: {reason}")
-        delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** self._consecutive_failures)
         if self._consecutive_failures:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(self.backoff.next())
         self._consecutive_failures += 1
         self._restart_times.append(time.monotonic())
         self.restarts += 1
@@ -340,6 +340,7 @@ class PriorSidecar:
             try:
                 await self._call({"op": "ping"}, self.ping_timeout_s)
                 self._consecutive_failures = 0
+                self.backoff.reset()
             except (asyncio.TimeoutError, _Crashed) as exc:
                 log.warning("MoGe sidecar failed its health check", extra={"error": repr(exc)})
                 try:
@@ -418,6 +419,7 @@ class PriorSidecar:
                 raise
             if reply.get("op") == "done":
                 self._consecutive_failures = 0
+                self.backoff.reset()
                 timing = dict(reply.get("timing") or {})
                 timing["roundtrip_ms"] = (time.perf_counter() - t0) * 1e3
                 timing["attempts"] = attempt

@@ -112,9 +112,7 @@ class SourceRunner:
                 self.reconnects += 1
                 m.source_reconnects.labels(self.name).inc()
 
-            return RtspIngest(self.name, src.url, g.height, g.width, open_timeout_s=src.open_timeout_s,
-                              stall_timeout_s=src.stall_timeout_s, reconnect_initial_s=src.reconnect_initial_s,
-                              reconnect_max_s=src.reconnect_max_s, on_reconnect=on_reconnect,
+            return RtspIngest(self.name, src, g.height, g.width, on_reconnect=on_reconnect,
                               on_up=lambda up: m.source_up.labels(self.name).set(1 if up else 0),
                               on_error=lambda kind: m.source_errors.labels(self.name, kind).inc())
         if src.type == "webrtc":  # sessions arrive through WHIP (stages/ingest_webrtc.py)
