@@ -6,22 +6,33 @@ holds the GIL while it computes (see :class:`GeometryWorker`). Each source has i
 (daemon.pipeline) in the worker, holding its carried state. The worker reads frames and priors from the
 source's shared-memory ring (one copy, on the way to the device).
 
-Pipe protocol (``multiprocessing`` Connection, pickled tuples; one request in flight at a time; every
-request is answered by ``("ok", value)`` or ``("error", "op: Type: message")``):
+Pipe protocol (``multiprocessing`` duplex Connection, pickled tuples, daemon -> worker; one request in
+flight at a time, serialised by ``GeometryWorker``'s lock; every request but "stop" is awaited):
 
-    request                                        ok value                      daemon's time limit
-    ("load",)                                      model load seconds (float)    none at startup; restart_timeout_s
-    ("warmup",)                                    warm-up seconds (float)       none at startup; restart_timeout_s
-    ("window", source, ring, [(slot, gen, i)..],   [FrameResult, ..] now final   the window deadline
-               first_seq)
-    ("flush", source)                              [FrameResult, ..] held back   the window deadline
-    ("detach", ring)                               None                          5 s, then given up (no kill)
-    ("ping",)                                      worker's monotonic clock      heartbeat_s (idle only)
-    ("stop",)                                      None, then the process exits  stop_timeout_s (exit included)
+    request                                 worker does                              reply value ("ok", v)
+    ("load",)                               build the processor (model load)         seconds (float)
+    ("warmup",)                             one dummy full window (:func:`warm_up`)  seconds (float)
+    ("window", source, ring_name,           attach the ring on first use, copy the   [FrameResult, ..] that
+     [(slot, generation, frame_index)..],   frames + priors, ``verify`` every ref,   are final now (the
+     first_seq)                             push to the source's StreamingSession    session holds the rest)
+                                            (created on the source's first window)
+    ("flush", source)                       end and forget the source's session      [FrameResult, ..] held
+                                                                                     back ([] if none)
+    ("detach", ring_name)                   close its view of the ring               None
+    ("ping",)                               nothing                                  worker's monotonic clock
+    ("stop",)                               close every ring, reply, exit            None (never read)
 
-A request past its limit, or EOF on the pipe (the process died), is a fault: the daemon kills the process
-and starts a new one (see :class:`GeometryWorker`). The worker ignores SIGINT/SIGTERM (the daemon
-coordinates shutdown) and dies with its parent (PR_SET_PDEATHSIG).
+    daemon's time limit per request: load and warmup none at startup, ``restart_timeout_s`` for the
+    whole restart (load + warmup); window and flush the window deadline; ping ``heartbeat_s`` (sent only
+    while idle); detach 5 s (supervisor.py; no fault, the process is about to stop); stop
+    ``stop_timeout_s`` for the process to exit, then SIGKILL.
+
+A request that raises in the worker (a stale slot, an unknown op, a pipeline error) is answered by
+``("error", "<op>: <ExceptionType>: <message>")``; the worker keeps serving, the daemon raises
+``GeometryError`` and counts the window's new frames as dropped (``geometry_error``). A request past its limit, or
+EOF on the pipe (the process died), is a fault (``GeometryTimeout``, ``GeometryWorkerDied``): the daemon
+kills the process and starts a new one (see :class:`GeometryWorker`). The worker ignores SIGINT/SIGTERM (the
+daemon coordinates shutdown) and dies with its parent (PR_SET_PDEATHSIG).
 
 ``IdentityGeometry`` is a PLUMBING-ONLY processor (returns the prior as the result, optionally after a
 fixed delay): it is selectable only through the hidden ``run --plumbing-identity-delay`` option (the
