@@ -21,8 +21,9 @@ how many windows share a slot (the overlap) is counted in one place, ``stages/wi
 ``WindowBuilder``, which hands back the refs whose last window is done. Readers (sidecar, geometry worker)
 view a slot with ``frame(ref)`` and call ``verify(ref)`` after copying it: generations are unique per
 write, so a slot rewritten during the copy fails the check. Only names and slot numbers cross process
-boundaries, never pixels. A reader never registers the segment with Python's resource tracker (that tracker would unlink the
-daemon's memory when the reader exits): it maps the segment through ``shm_open`` + ``mmap`` itself.
+boundaries, never pixels. A reader never registers the segment with Python's resource tracker (that
+tracker would unlink the daemon's memory when the reader exits): it maps the segment through ``shm_open``
++ ``mmap`` itself.
 """
 
 from __future__ import annotations
