@@ -42,6 +42,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from daemon.backoff import Backoff
+from daemon.config import MqttConfig
 from daemon.wire import encoding
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class MqttPublisher:
     ``mqtt_reconnects`` gauges are kept equal to this publisher's counters.
     """
 
-    def __init__(self, mqtt_cfg: Any, sources: list[str], metrics: Any = None) -> None:
+    def __init__(self, mqtt_cfg: MqttConfig, sources: list[str], metrics: Any = None) -> None:
         self.cfg = mqtt_cfg
         self.prefix = mqtt_cfg.topic_prefix.rstrip("/")
         self.client_id = mqtt_cfg.client_id or f"geometryd-{socket.gethostname()}-{os.getpid()}"

@@ -96,7 +96,7 @@ class SourceRunner:
         self._prior_upto = 0  # frames (by seq) whose per-frame prior request is finished
         self._prior_cond = asyncio.Condition()
         self._batcher_done = False
-        self.preview_on = bool(getattr(src, "preview", False)) and (cfg.mqtt.enabled or cfg.http.enabled)
+        self.preview_on = src.preview and (cfg.mqtt.enabled or cfg.http.enabled)
         self.preview_scale = PreviewScale(cfg.streaming.cut_threshold)
         self._preview_pending: set[int] = set()  # seqs whose preview was not yet handed to a sink
 
