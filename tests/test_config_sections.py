@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from daemon import http_guard
-from daemon.config import parse_config
+from daemon.config import Config, parse_config
 from daemon.http import HttpServer
 from daemon.metrics import Metrics
 from daemon.stages import geometry, prior
@@ -27,7 +27,7 @@ TABLES = {
 }
 
 
-def _cfg(tmp_path: Path):  # noqa: ANN202
+def _cfg(tmp_path: Path) -> Config:
     return parse_config(TABLES, tmp_path)
 
 

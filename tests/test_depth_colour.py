@@ -18,7 +18,7 @@ H, W = 32, 48
 
 
 def _clip(t: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    ys, xs = np.mgrid[0:H, 0:W].astype(np.float32)
+    xs = np.mgrid[0:H, 0:W].astype(np.float32)[1]
     depth = np.stack([(1.0 + xs / W) * (1 + 0.5 * i) for i in range(t)]).astype(np.float32)
     mask = np.ones(depth.shape, bool)
     mask[:, :3] = False
@@ -28,7 +28,7 @@ def _clip(t: int = 3) -> tuple[np.ndarray, np.ndarray]:
 
 def _nearest_quantile(x: np.ndarray, q: float) -> float:
     flat = np.sort(x.reshape(-1).astype(np.float64))
-    return float(flat[int(round(q * (flat.size - 1)))])
+    return float(flat[round(q * (flat.size - 1))])
 
 
 def test_disparity_and_range_follow_the_spec() -> None:
