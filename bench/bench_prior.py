@@ -59,12 +59,13 @@ def bench_in_process(checkpoint: Path, frames: np.ndarray, chunk: int,
 
 async def _bench_sidecar(checkpoint: Path, frames: np.ndarray, chunk: int, resolution_level: int) -> dict:
     from daemon.shm import FrameRing
-    from daemon.stages.prior import PriorSettings, PriorSidecar
+    from daemon.config import PriorConfig
+    from daemon.stages.prior import PriorSidecar
 
     n, h, w, _ = frames.shape
     ring = FrameRing.create("benchprior", n, h, w)
-    settings = PriorSettings(device="cpu", resolution_level=resolution_level, request_timeout_s=3600,
-                             startup_timeout_s=600)
+    settings = PriorConfig(device="cpu", resolution_level=resolution_level, request_timeout_s=3600.0,
+                           startup_timeout_s=600.0)
     try:
         t_start = time.perf_counter()
         async with PriorSidecar(settings, checkpoint, chunk=chunk) as sc:

@@ -34,7 +34,7 @@ class FrameMeta:
 
 @dataclass
 class FrameResult:
-    """One final output frame of a stream (interfaces.md "Pipeline").
+    """One final output frame of a stream (what ``StreamingSession`` returns, daemon/pipeline.py).
 
     ``intrinsics`` = (fx, fy, cx, cy) normalised by the output width/height with pixel centres at
     ``(u + 0.5) / W``: ``u_n = cx + fx * X / Z``, ``v_n = cy + fy * Y / Z`` (cx = cy = 0.5).

@@ -16,7 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon.http_guard import ConnectionLimits, GuardedAppRunner
+from daemon.config import HttpConfig
+from daemon.http_guard import GuardedAppRunner
 
 HealthFn = Callable[[], dict[str, Any]]
 
@@ -72,9 +73,9 @@ class HttpServer:
 
     def __init__(self, bind: str, port: int, metrics_fn: Callable[[], bytes], health_fn: HealthFn,
                  token: str = "", setup: Callable[[web.Application], None] | None = None,
-                 limits: ConnectionLimits | None = None) -> None:
+                 limits: HttpConfig | None = None) -> None:
         self.bind, self.port = bind, port
-        self.limits = limits or ConnectionLimits()
+        self.limits = limits or HttpConfig()  # its connection limits (the [http] table)
         self._app = build_app(metrics_fn, health_fn, token, setup)
         self._runner: GuardedAppRunner | None = None
 

@@ -22,14 +22,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 
+from daemon.config import HttpConfig
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    header_timeout_s: float = 10.0
-    idle_timeout_s: float = 30.0
-    max_connections: int = 256
 
 
 @dataclass
@@ -42,7 +37,7 @@ class GuardStats:
 class GuardedHandler(web.RequestHandler):
     """A RequestHandler with a header-read deadline, a connection cap and quiet bad-request handling."""
 
-    limits: ConnectionLimits
+    limits: HttpConfig  # header_timeout_s, idle_timeout_s, max_connections
     stats: GuardStats
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -104,7 +99,7 @@ class GuardedHandler(web.RequestHandler):
 class GuardedAppRunner(web.AppRunner):
     """``web.AppRunner`` whose protocol is ``GuardedHandler`` with ``limits`` (idle = keep-alive timeout)."""
 
-    def __init__(self, app: web.Application, limits: ConnectionLimits, **kwargs: Any) -> None:
+    def __init__(self, app: web.Application, limits: HttpConfig, **kwargs: Any) -> None:
         super().__init__(app, keepalive_timeout=limits.idle_timeout_s, **kwargs)
         self.limits = limits
         self.stats = GuardStats()

@@ -11,15 +11,19 @@ Segment layout (all little-endian, offsets 64-byte aligned)::
              int64  frame_index[n]
              float64 pts[n]
              uint64 prior_gen[n]  generation whose prior the prior slot holds (0 = none)
-             uint64 refcount[n]   informational copy of the owner's reference count
     frames   uint8   [n, H, W, 3]
     points   float32 [n, H, W, 3]   prior point map (written by the MoGe sidecar)
     mask     uint8   [n, H, W]      prior mask (0/1, exposed as bool)
 
 The daemon creates the ring (one writer for frames); the sidecar attaches and writes prior slots of
-the slots it is asked for. Only names and slot numbers cross process boundaries, never pixels.
-A reader never registers the segment with Python's resource tracker (that tracker would unlink the
-daemon's memory when the reader exits): it maps the segment through ``shm_open`` + ``mmap`` itself.
+the slots it is asked for. A slot is held from ``write_frame`` until ``release`` (once, by the owner);
+how many windows share a slot (the overlap) is counted in one place, ``stages/window.py``'s
+``WindowBuilder``, which hands back the refs whose last window is done. Readers (sidecar, geometry worker)
+view a slot with ``frame(ref)`` and call ``verify(ref)`` after copying it: generations are unique per
+write, so a slot rewritten during the copy fails the check. Only names and slot numbers cross process
+boundaries, never pixels. A reader never registers the segment with Python's resource tracker (that
+tracker would unlink the daemon's memory when the reader exits): it maps the segment through ``shm_open``
++ ``mmap`` itself.
 """
 
 from __future__ import annotations
@@ -45,11 +49,11 @@ except ImportError:  # pragma: no cover - non-CPython
 log = logging.getLogger(__name__)
 
 MAGIC = int.from_bytes(b"GEOMRING", "little")
-VERSION = 1
+VERSION = 2  # 2: the informational refcount array is gone (one count: stages/window.py)
 PREFIX = "geometryd-"
 SHM_DIR = Path("/dev/shm")
 _HEADER_WORDS = 8
-_SLOT_FIELDS = 6  # seq, gen, frame_index, pts, prior_gen, refcount
+_SLOT_FIELDS = 5  # seq, gen, frame_index, pts, prior_gen
 _ALIGN = 64
 _NAME_RE = re.compile(r"^geometryd-(\d+)-([A-Za-z0-9_-]{1,32})$")
 _SOURCE_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -206,13 +210,12 @@ class FrameRing:
         self._frame_index = np.ndarray((n,), np.int64, buf, meta + 16 * n)
         self._pts = np.ndarray((n,), np.float64, buf, meta + 24 * n)
         self._prior_gen = np.ndarray((n,), np.uint64, buf, meta + 32 * n)
-        self._refcount = np.ndarray((n,), np.uint64, buf, meta + 40 * n)
         self._frames = np.ndarray((n, h, w, 3), np.uint8, buf, layout.frames_offset)
         self._points = np.ndarray((n, h, w, 3), np.float32, buf, layout.points_offset)
         self._mask = np.ndarray((n, h, w), np.bool_, buf, layout.mask_offset)
         self._lock = threading.Lock()
         self._free: deque[int] = deque(range(n))
-        self._refs = [0] * n
+        self._held = [False] * n  # owner side: written and not yet released
         self._next_gen = 1
         self._closed = False
 
@@ -244,7 +247,6 @@ class FrameRing:
         ring._seq[:] = 0
         ring._gen[:] = 0
         ring._prior_gen[:] = 0
-        ring._refcount[:] = 0
         hdr[0] = MAGIC  # last: a reader waits for it before trusting the geometry
         log.debug("created ring", extra={"segment": name, "slots": n_slots, "bytes": layout.size})
         return ring
@@ -292,7 +294,7 @@ class FrameRing:
             if not self._free:
                 raise RingFullError(f"ring {self.name}: all {self.n_slots} slots are in use")
             slot = self._free.popleft()
-            self._refs[slot] = 1
+            self._held[slot] = True
             gen = self._next_gen
             self._next_gen += 1
         self._seq[slot] += 1  # odd: being written
@@ -301,36 +303,21 @@ class FrameRing:
         self._frames[slot] = frame
         self._frame_index[slot] = frame_index
         self._pts[slot] = pts
-        self._refcount[slot] = 1
         self._header[6] = gen
         self._seq[slot] += 1  # even: stable
         return SlotRef(slot, gen, int(frame_index))
 
-    def retain(self, ref: SlotRef) -> None:
-        """Add a reference (e.g. a frame shared by two overlapping windows); pair with release()."""
-        with self._lock:
-            self._check_owned(ref)
-            self._refs[ref.slot] += 1
-            self._refcount[ref.slot] = self._refs[ref.slot]
-
     def release(self, ref: SlotRef) -> None:
-        """Drop one reference; the slot may be reused once none is left. Stale refs are ignored."""
+        """The slot may be reused (its last window is done). A stale or already released ref is ignored."""
         with self._lock:
-            if int(self._gen[ref.slot]) != ref.generation or self._refs[ref.slot] == 0:
+            if int(self._gen[ref.slot]) != ref.generation or not self._held[ref.slot]:
                 return
-            self._refs[ref.slot] -= 1
-            self._refcount[ref.slot] = self._refs[ref.slot]
-            if self._refs[ref.slot] == 0:
-                self._free.append(ref.slot)
+            self._held[ref.slot] = False
+            self._free.append(ref.slot)
 
     def free_slots(self) -> int:
         with self._lock:
             return len(self._free)
-
-    def _check_owned(self, ref: SlotRef) -> None:
-        if int(self._gen[ref.slot]) != ref.generation or self._refs[ref.slot] == 0:
-            raise StaleSlotError(f"ring {self.name}: slot {ref.slot} no longer holds "
-                                 f"generation {ref.generation}")
 
     # ------------------------------------------------------------------ reader side
     def _check_slot(self, ref: SlotRef) -> None:
@@ -341,18 +328,6 @@ class FrameRing:
                 f"ring {self.name}: slot {ref.slot} holds generation {int(self._gen[ref.slot])}, "
                 f"expected {ref.generation}")
 
-    def seq(self, slot: int) -> int:
-        """Seqlock counter of a frame slot (odd while being written)."""
-        return int(self._seq[slot])
-
-    def current_ref(self, slot: int) -> SlotRef | None:
-        """The ref of the frame a slot holds now (None while empty or being written); for monitors, tests."""
-        seq = int(self._seq[slot])
-        gen, index = int(self._gen[slot]), int(self._frame_index[slot])
-        if seq & 1 or gen == 0 or int(self._seq[slot]) != seq:
-            return None
-        return SlotRef(slot, gen, index)
-
     def frame(self, ref: SlotRef) -> np.ndarray:
         """Zero-copy (H,W,3) uint8 view. Call verify(ref) after using it: the slot could be rewritten."""
         self._check_slot(ref)
@@ -361,19 +336,6 @@ class FrameRing:
     def verify(self, ref: SlotRef) -> None:
         """Raise StaleSlotError if the slot no longer holds `ref` (seqlock check after a read)."""
         self._check_slot(ref)
-
-    def read_frame(self, ref: SlotRef, out: np.ndarray | None = None) -> np.ndarray:
-        """Consistent copy of a frame (seqlock read: seq even and unchanged across the copy)."""
-        self._check_slot(ref)
-        seq = int(self._seq[ref.slot])
-        if out is None:
-            out = np.array(self._frames[ref.slot])
-        else:
-            np.copyto(out, self._frames[ref.slot])
-        if int(self._seq[ref.slot]) != seq:
-            raise StaleSlotError(f"ring {self.name}: slot {ref.slot} was rewritten during the read")
-        self._check_slot(ref)
-        return out
 
     def frame_meta(self, ref: SlotRef) -> tuple[int, float]:
         """(frame_index, pts) stored with the frame."""
@@ -405,8 +367,8 @@ class FrameRing:
         if self._closed:
             return
         self._closed = True
-        for attr in ("_header", "_seq", "_gen", "_frame_index", "_pts", "_prior_gen", "_refcount",
-                     "_frames", "_points", "_mask"):
+        for attr in ("_header", "_seq", "_gen", "_frame_index", "_pts", "_prior_gen", "_frames", "_points",
+                     "_mask"):
             setattr(self, attr, None)
         buf, self._buf = self._buf, None
         try:

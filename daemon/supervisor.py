@@ -152,12 +152,8 @@ class Daemon:
             self.webrtc, self.hub, web_setup = build_web(cfg, self.metrics)  # WHIP ingest + live viewer
             stack.push_async_callback(self.webrtc.close)
             stack.push_async_callback(self.hub.close)
-            from daemon.http_guard import ConnectionLimits
-
-            h = cfg.http
-            limits = ConnectionLimits(h.header_timeout_s, h.idle_timeout_s, h.max_connections)
             http = HttpServer(cfg.http.bind, cfg.http.port, self.metrics.render, self.health, cfg.http.token,
-                              web_setup, limits)
+                              web_setup, cfg.http)
             await stack.enter_async_context(http)
             log.info("http listening", extra={"bind": cfg.http.bind, "port": http.port})
 
@@ -210,19 +206,13 @@ class Daemon:
             await self.sidecar.stop()
 
     async def _load_pipeline(self, stack: contextlib.AsyncExitStack) -> None:
-        from daemon.stages.geometry import GeometryWorker, ProcessorSpec, SessionParams, WorkerPolicy
+        from daemon.stages.geometry import GeometryWorker, ProcessorSpec
 
         cfg = self.cfg
-        params = SessionParams.from_config(cfg.geometry, cfg.streaming)
         if self.identity_delay is not None:
             log.warning("PLUMBING-ONLY identity geometry selected: outputs are the prior, not GeometryCrafter")
-            spec = ProcessorSpec("identity", params, identity_delay_s=self.identity_delay,
-                                 log_level=cfg.logging.level, log_format=cfg.logging.format)
-        else:
-            spec = ProcessorSpec("pipeline", params, cfg.model.dir, cfg.model.variant, cfg.model.dtype,
-                                 cfg.geometry.low_memory, log_level=cfg.logging.level,
-                                 log_format=cfg.logging.format)
-        self.worker = GeometryWorker(spec, WorkerPolicy.from_config(cfg.geometry))
+        spec = ProcessorSpec.from_config(cfg, self.identity_delay)
+        self.worker = GeometryWorker(spec)
         self.worker.on_unavailable = self.fatal
         stack.push_async_callback(self.worker.stop)
         log.info("loading pipeline in the geometry worker process",
@@ -230,8 +220,8 @@ class Daemon:
                         "processor": spec.kind})
         secs = await self.worker.start()
         log.info("pipeline loaded; warming up (compiles kernels)",
-                 extra={"seconds": round(secs, 2), "frames": params.window_size,
-                        "size": f"{params.height}x{params.width}"})
+                 extra={"seconds": round(secs, 2), "frames": cfg.geometry.window_size,
+                        "size": f"{cfg.geometry.height}x{cfg.geometry.width}"})
         secs = await self.worker.warm_up()
         self.warmup_s = secs
         log.info("warm-up done", extra={"seconds": round(secs, 2),

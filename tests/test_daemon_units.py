@@ -199,7 +199,7 @@ def test_unit_stop_timeout_exceeds_grace() -> None:
 
 
 def test_scrub_url() -> None:
-    from daemon.stages.ingest_rtsp import scrub_url
+    from daemon.config import scrub_url
 
     assert scrub_url("rtsp://admin:hunter2@10.0.0.5:554/live") == "rtsp://***:***@10.0.0.5:554/live"
     assert scrub_url("error opening rtsp://u:p@h/x: 401") == "error opening rtsp://***:***@h/x: 401"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from daemon.pipeline import GeometryCrafter
-from daemon.stages.geometry import PipelineGeometry, SessionParams
+from daemon.config import GeometryConfig, StreamingConfig
+from daemon.stages.geometry import PipelineGeometry
 from daemon.weights.tiny import CLIP_MEAN, CLIP_STD, SCHEDULER_CONFIG
 
 
@@ -16,7 +17,9 @@ def test_low_memory_reaches_the_streaming_session(low_memory: bool) -> None:
                          variant="diff", dtype="fp32")
     gc.low_memory_usage = not low_memory
     proc = PipelineGeometry.__new__(PipelineGeometry)  # no model load: the networks are not needed here
-    proc.gc, proc.low_memory = gc, low_memory
-    proc.params = SessionParams(64, 128, 8, 2, 1, 4)
+    proc.gc = gc
+    proc.geometry = GeometryConfig(height=64, width=128, window_size=8, overlap=2, steps=1, decode_chunk_size=4,
+                                   low_memory=low_memory)
+    proc.streaming = StreamingConfig()
     session = proc.new_session()
     assert session.gc.low_memory_usage is low_memory

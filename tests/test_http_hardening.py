@@ -19,10 +19,10 @@ from daemon.metrics import Metrics
 def _server(token: str = "", **limits: float) -> HttpServer:
     if not limits:  # the defaults
         return HttpServer("127.0.0.1", 0, Metrics().render, lambda: {"ok": True}, token)
-    from daemon.http_guard import ConnectionLimits
+    from daemon.config import HttpConfig
 
     return HttpServer("127.0.0.1", 0, Metrics().render, lambda: {"ok": True}, token,
-                      limits=ConnectionLimits(**limits))
+                      limits=HttpConfig(**limits))
 
 
 async def _closed_by_server(reader: asyncio.StreamReader, within_s: float) -> bool:

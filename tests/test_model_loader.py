@@ -127,6 +127,29 @@ def test_corrupt_files(tmp_path: Path):
         load_into(_module(), tiny)
 
 
+def test_one_header_reader_with_absolute_offsets(tmp_path: Path):
+    """The loader uses the weights checker's reader (one TensorInfo); bytes past the last tensor are a corrupt
+    file for both, as for safetensors itself (the loader's own parser used to accept them)."""
+    from daemon.weights import manifest
+
+    from daemon.model import loader
+
+    assert loader.TensorInfo is manifest.TensorInfo
+    path = tmp_path / "w.safetensors"
+    state = _state()
+    save_file(state, str(path))
+    header = read_header(path)
+    with open(path, "rb") as f:
+        for key, info in header.items():
+            f.seek(info.start)
+            assert np.array_equal(np.frombuffer(f.read(info.end - info.start), np.float32).reshape(info.shape),
+                                  state[key])
+    with open(path, "ab") as f:
+        f.write(b"\0" * 16)
+    with pytest.raises(CheckpointError, match=r"w\.safetensors: .*longer than its header says"):
+        load_into(_module(), path)
+
+
 def test_find_weights_and_config(tmp_path: Path):
     with pytest.raises(CheckpointError, match="config.json not found"):
         read_config(tmp_path)

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from daemon.shm import FrameRing
-from daemon.stages.prior import PriorSettings, PriorSidecar, SidecarBudgetExhausted, cleanup_stale_prior_dirs
+from daemon.config import PriorConfig
+from daemon.stages.prior import PriorSidecar, SidecarBudgetExhausted, cleanup_stale_prior_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 64, 96
@@ -39,7 +40,7 @@ def _frames(n: int) -> np.ndarray:
 
 
 def test_sidecar_killed_while_restarting_costs_one_attempt(checkpoint: Path) -> None:
-    settings = PriorSettings(device="cpu", request_timeout_s=60.0, startup_timeout_s=60.0, restart_budget=10)
+    settings = PriorConfig(device="cpu", request_timeout_s=60.0, startup_timeout_s=60.0, restart_budget=10)
 
     async def go() -> tuple[dict, int]:
         sc = PriorSidecar(settings, checkpoint, chunk=4, threads=1, backoff_initial_s=0.1)
@@ -73,7 +74,7 @@ def test_sidecar_killed_while_restarting_costs_one_attempt(checkpoint: Path) -> 
 
 
 def test_budget_exhausted_is_its_own_error_and_says_when(checkpoint: Path) -> None:
-    settings = PriorSettings(device="cpu", request_timeout_s=60.0, startup_timeout_s=60.0, restart_budget=1)
+    settings = PriorConfig(device="cpu", request_timeout_s=60.0, startup_timeout_s=60.0, restart_budget=1)
 
     async def go() -> float:
         sc = PriorSidecar(settings, checkpoint, chunk=4, threads=1, backoff_initial_s=0.1)
@@ -100,10 +101,11 @@ def test_budget_exhausted_is_its_own_error_and_says_when(checkpoint: Path) -> No
 _CHILD = """
 import asyncio, sys
 from pathlib import Path
-from daemon.stages.prior import PriorSettings, PriorSidecar
+from daemon.config import PriorConfig
+from daemon.stages.prior import PriorSidecar
 
 async def main():
-    sc = PriorSidecar(PriorSettings(device="cpu", startup_timeout_s=60.0), Path(sys.argv[1]), threads=1)
+    sc = PriorSidecar(PriorConfig(device="cpu", startup_timeout_s=60.0), Path(sys.argv[1]), threads=1)
     await sc.start()
     print(sc._tmpdir, flush=True)
     await asyncio.sleep(600)

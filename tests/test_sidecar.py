@@ -19,17 +19,17 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from msgspec.structs import replace
 
+from daemon.config import PriorConfig
 from daemon.shm import FrameRing, SlotRef, cleanup_stale_segments
 from daemon.stages.prior import (
     PriorError,
     PriorRequestError,
-    PriorSettings,
     PriorSidecar,
     SidecarUnavailable,
     run_priors,
@@ -195,10 +195,10 @@ def test_frames_without_valid_points_get_focal_1_shift_0(checkpoint) -> None:
     assert float((got - want).abs().max()) <= 7e-7 * float(want.abs().max())  # measured 2.4e-7
 
 
-def _settings(**kw) -> PriorSettings:
+def _settings(**kw) -> PriorConfig:
     base = dict(device="cpu", request_timeout_s=60.0, startup_timeout_s=60.0, restart_budget=10)
     base.update(kw)
-    return PriorSettings(**base)
+    return PriorConfig(**base)
 
 
 def _check_priors(ring: FrameRing, refs: list[SlotRef], reference, start: int = 0) -> None:
@@ -434,11 +434,12 @@ _DAEMON_CHILD = """
     import asyncio, sys, numpy as np
     from pathlib import Path
     from daemon.shm import FrameRing
-    from daemon.stages.prior import PriorSettings, PriorSidecar
+    from daemon.config import PriorConfig
+    from daemon.stages.prior import PriorSidecar
 
     async def main():
         ring = FrameRing.create('victim', 2, 16, 16)
-        sc = PriorSidecar(PriorSettings(device='cpu', startup_timeout_s=60), Path(sys.argv[1]), threads=1)
+        sc = PriorSidecar(PriorConfig(device='cpu', startup_timeout_s=60), Path(sys.argv[1]), threads=1)
         await sc.start()
         ref = ring.write_frame(np.zeros((16, 16, 3), np.uint8), 0, 0.0)
         await sc.compute(ring, [ref])

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from daemon.frames import FrameResult
-from daemon.viewer.hub import _Latest, colorize_depth, encode_message
+from daemon.depth_colour import colourise
+from daemon.viewer.hub import _Latest, encode_message
 
 H, W = 48, 80
 
@@ -42,19 +43,22 @@ def decode(msg: bytes) -> tuple[dict[str, Any], bytes, np.ndarray, np.ndarray]:
     return header, msg[base + jo: base + jo + jl], xyz, rgb
 
 
-def test_colorize_depth_near_is_warm_invalid_is_black() -> None:
+def test_colourise_near_is_warm_invalid_is_black() -> None:
     res = _result()
-    rgb = colorize_depth(res.depth, res.mask)
+    rgb = colourise(res.depth, res.mask)
     assert rgb.shape == (H, W, 3) and rgb.dtype == np.uint8
     assert (rgb[:5] == 0).all()
     import cv2
 
-    ends = np.array([[0, 255]], np.uint8)
-    turbo = cv2.cvtColor(cv2.applyColorMap(ends, cv2.COLORMAP_TURBO), cv2.COLOR_BGR2RGB)
-    # near pixels (inverse depth above the 98th percentile) get turbo's top colour, far ones (below the
-    # 2nd percentile) its bottom colour
-    np.testing.assert_array_equal(rgb[20, 1], turbo[0, 1])
-    np.testing.assert_array_equal(rgb[20, -2], turbo[0, 0])
+    lut = cv2.cvtColor(cv2.applyColorMap(np.arange(256, dtype=np.uint8)[None], cv2.COLORMAP_TURBO),
+                       cv2.COLOR_BGR2RGB)[0]
+    # range: the 99 % quantile is the nearest column's disparity; the 1 % quantile counts the invalid rows'
+    # zeros (spec 4.7 step 7), so lo = 0 and the far edge sits at its disparity's place, mid-map
+    hi = 1 / (1 + 1e-4)
+    for x in (0, W // 2, W - 2):
+        index = int(1 / (res.depth[20, x] + 1e-4) / (hi + 1e-4) * 255)
+        np.testing.assert_array_equal(rgb[20, x], lut[index])
+    assert int(1 / (res.depth[20, 0] + 1e-4) / (hi + 1e-4) * 255) == 254  # near: turbo's red end
 
 
 def test_encode_message_round_trip() -> None:
@@ -70,9 +74,9 @@ def test_encode_message_round_trip() -> None:
     assert header["intrinsics"] == [0.9, 1.5, 0.5, 0.5]
     sub = res.mask[::stride, ::stride]
     np.testing.assert_array_equal(xyz, res.point_map[::stride, ::stride][sub])
-    np.testing.assert_array_equal(rgb, colorize_depth(res.depth, res.mask)[::stride, ::stride][sub])
+    np.testing.assert_array_equal(rgb, colourise(res.depth, res.mask)[::stride, ::stride][sub])
     img = cv2.cvtColor(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    ref = colorize_depth(res.depth, res.mask).astype(np.float32)
+    ref = colourise(res.depth, res.mask).astype(np.float32)
     assert img.shape == (H, W, 3) and np.abs(img - ref).mean() < 6.0  # JPEG q85
 
 

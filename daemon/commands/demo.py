@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import write_config
+from daemon.depth_colour import colourise
 
 NOTICE = (
     "NOTE: the tiny model has RANDOM weights - the depth maps above are not a prediction, they show that\n"
@@ -90,29 +91,6 @@ def synthetic_clip(path: Path, n: int, height: int, width: int, fps: int = 24) -
 
 # ---- colour preview --------------------------------------------------------------------------------------
 
-def turbo(x: Any) -> Any:
-    """Google's Turbo colour map (polynomial approximation), x in [0, 1] -> uint8 RGB."""
-    import numpy as np
-
-    x = np.clip(x, 0.0, 1.0)[..., None]
-    r = (0.13572138, 4.61539260, -42.66032258, 132.13108234, -152.94239396, 59.28637943)
-    g = (0.09140261, 2.19418839, 4.84296658, -14.18503333, 4.27729857, 2.82956604)
-    b = (0.10667330, 12.64194608, -60.58204836, 110.36276771, -89.90310912, 27.34824973)
-    powers = np.concatenate([x**i for i in range(6)], -1)
-    rgb = np.stack([powers @ np.array(c) for c in (r, g, b)], -1)
-    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
-
-
-def colourise(depth: Any, valid: Any, lo: float, hi: float) -> Any:
-    """Inverse depth mapped to Turbo (near = red); invalid pixels black."""
-    import numpy as np
-
-    inv = np.where(valid, 1.0 / np.maximum(depth, 1e-6), 0.0)
-    rgb = turbo((inv - lo) / max(hi - lo, 1e-9))
-    rgb[~valid] = 0
-    return rgb
-
-
 def write_previews(frames: dict[int, Any], clip: Path, out_dir: Path) -> list[Path]:
     """PNG contact sheet (input | depth for up to 8 frames) and an MP4 of the depth sequence."""
     import av
@@ -122,9 +100,8 @@ def write_previews(frames: dict[int, Any], clip: Path, out_dir: Path) -> list[Pa
     if not frames:
         return []
     order = sorted(frames)
-    valid_inv = [1.0 / frames[i].depth[frames[i].depth_valid] for i in order if frames[i].depth_valid.any()]
-    allinv = np.concatenate(valid_inv) if valid_inv else np.array([0.0, 1.0])
-    lo, hi = np.percentile(allinv, 2), np.percentile(allinv, 98)
+    colours = dict(zip(order, colourise(np.stack([frames[i].depth for i in order]),
+                                        np.stack([frames[i].depth_valid for i in order])), strict=True))
     h, w = frames[order[0]].depth.shape
     inputs: dict[int, Any] = {}
     with av.open(str(clip)) as c:
@@ -132,7 +109,7 @@ def write_previews(frames: dict[int, Any], clip: Path, out_dir: Path) -> list[Pa
             inputs[i] = f.to_ndarray(format="rgb24", width=w, height=h)
     pick = order[:: max(1, len(order) // 8)][:8]
     rows = [np.concatenate([inputs.get(i, np.zeros((h, w, 3), np.uint8)),
-                            colourise(frames[i].depth, frames[i].depth_valid, lo, hi)], 1) for i in pick]
+                            colours[i]], 1) for i in pick]
     sheet = out_dir / "depth_preview.png"
     Image.fromarray(np.concatenate(rows, 0)).save(sheet)
     mp4 = out_dir / "depth_preview.mp4"
@@ -140,8 +117,7 @@ def write_previews(frames: dict[int, Any], clip: Path, out_dir: Path) -> list[Pa
         s = out.add_stream("mpeg4", rate=12)
         s.width, s.height, s.pix_fmt, s.bit_rate = 2 * w, h, "yuv420p", 2_000_000
         for i in order:
-            img = np.concatenate([inputs.get(i, np.zeros((h, w, 3), np.uint8)),
-                                  colourise(frames[i].depth, frames[i].depth_valid, lo, hi)], 1)
+            img = np.concatenate([inputs.get(i, np.zeros((h, w, 3), np.uint8)), colours[i]], 1)
             for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 out.mux(p)
         for p in s.encode():

@@ -5,7 +5,7 @@ Reference: spec section 1 (file names, stored dtypes, precision policy 1.3) and 
 key) :func:`load_into` refuses any mismatch: missing, unexpected or mis-shaped keys, non-float tensors
 for float parameters, corrupt or truncated files all raise :class:`CheckpointError` naming the file.
 
-Memory: the safetensors header is parsed here (8-byte little-endian length + JSON) and tensors are read
+Memory: the safetensors header is parsed by ``daemon.weights.manifest`` (the one reader) and tensors are read
 one at a time with plain file reads into a numpy buffer, converted to the target dtype, handed to the
 parameter and freed. ``safe_open`` is not used for the data because it mmaps the whole file and the
 touched pages count in the process RSS until it is closed (peak ~2x the checkpoint); with reads the
@@ -19,17 +19,17 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from daemon.weights.manifest import HeaderError, TensorInfo, read_safetensors_header
+
 log = logging.getLogger(__name__)
 
 WEIGHT_NAMES: tuple[str, ...] = ("diffusion_pytorch_model", "model")
 _MAX_LISTED = 20
-_MAX_HEADER = 100 * 1024 * 1024
 
 # safetensors dtype tag -> numpy dtype (BF16 is widened by hand)
 _ST_DTYPES: dict[str, Any] = {
@@ -43,14 +43,6 @@ _DTYPES = {"fp32": np.float32, "float32": np.float32, "fp16": np.float16, "float
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder or file cannot be loaded into the requested module."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: str  # safetensors tag, e.g. "F16"
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset in the file
-    end: int
 
 
 def read_config(folder: str | Path) -> dict:
@@ -80,56 +72,19 @@ def find_weights(folder: str | Path, names: Iterable[str] = WEIGHT_NAMES, varian
 
 
 def read_header(path: str | Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header without reading tensor data; validates offsets against the file size."""
+    """The safetensors header (``daemon.weights.manifest.read_safetensors_header``, offsets absolute) of a
+    file this loader can read; every problem is a ``CheckpointError`` naming the file."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) < 8:
-                raise CheckpointError(f"{path}: corrupt safetensors file (shorter than 8 bytes)")
-            n = int.from_bytes(raw_len, "little")
-            if n <= 1 or n > _MAX_HEADER or n > size - 8:
-                raise CheckpointError(
-                    f"{path}: corrupt safetensors header (header length {n}, file size {size})"
-                )
-            header_bytes = f.read(n)
+        header = read_safetensors_header(path)
+    except HeaderError as e:
+        raise CheckpointError(str(e)) from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e})") from None
-    try:
-        header = json.loads(header_bytes.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    base = 8 + n
-    data_size = size - base
-    out: dict[str, TensorInfo] = {}
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            tag = entry["dtype"]
-            shape = tuple(int(s) for s in entry["shape"])
-            start, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header (bad entry for {key!r})") from None
-        if tag not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {tag}")
-        itemsize = 2 if tag == "BF16" else np.dtype(_ST_DTYPES[tag]).itemsize
-        expected = int(np.prod(shape, dtype=np.int64)) * itemsize
-        if end - start != expected or start < 0:
-            raise CheckpointError(
-                f"{path}: corrupt safetensors header ({key!r}: offsets {start}..{end} "
-                f"do not match {tag}{list(shape)})"
-            )
-        if end > data_size:
-            raise CheckpointError(
-                f"{path}: truncated safetensors file ({key!r} needs bytes up to {base + end}, "
-                f"file has {size})"
-            )
-        out[key] = TensorInfo(tag, shape, base + start, base + end)
-    return out
+    for key, info in header.items():
+        if info.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info.dtype}")
+    return header
 
 
 def read_tensor(f: Any, info: TensorInfo, path: Path | str = "?") -> np.ndarray:

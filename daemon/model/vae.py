@@ -5,7 +5,7 @@ a temporal decoder built from ``MidBlockTemporalDecoder``/``UpBlockTemporalDecod
 and 2.3 (SVD ``AutoencoderKLTemporalDecoder``: only ``encoder.*`` and ``quant_conv.*`` are used; the
 ``decoder.*`` keys of the file are skipped on purpose). Numerics: spec 3.
 
-Semantics exposed to the pipeline (interfaces.md):
+Semantics exposed to the pipeline (daemon/pipeline.py):
 - ``SvdVaeEncoder.encode(x[N,3,H,W]) -> mean[N,4,h,w]``: quant_conv applied, first half of the moments
   (the Gaussian's mode), no scaling factor. Runs in fp32 (spec 1.3: force_upcast).
 - ``PointMapVae.encode(x4[N,4,H,W]) -> offset[N,4,h,w] = offset_scale_factor * encoder(x4)``; the

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from daemon.depth_colour import colourise
 from daemon.model.downsample import downsample_frames, downsampled_size, quantize_frames, upsample_output
 
 log = logging.getLogger(__name__)
@@ -39,27 +40,9 @@ def network_dtype(choice: str) -> str:
     return "fp16" if detect_cuda().driver_ok else "fp32"
 
 
-def disparity_colours(depth: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """(T,H,W) depth -> (T,H,W,3) uint8 RGB: disparity 1/(Z+1e-4), robust range as spec 4.7 step 7 (app)."""
-    import cv2
-
-    from daemon.model.resample import quantile_nearest
-
-    disp = (1.0 / (depth + np.float32(1e-4))).astype(np.float32) * mask
-    lo = min(quantile_nearest(d, 1 - 0.99) for d in disp)
-    hi = max(quantile_nearest(d, 0.99) for d in disp)
-    norm = np.clip((disp - lo) / (hi - lo + np.float32(1e-4)), 0, 1)
-    out = np.empty(depth.shape + (3,), np.uint8)
-    for i, d in enumerate(norm):
-        bgr = cv2.applyColorMap((d * 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
-        bgr[~mask[i]] = 0
-        out[i] = bgr[..., ::-1]
-    return out
-
-
 def write_preview(path: Path, frames: np.ndarray, depth: np.ndarray, mask: np.ndarray, fps: float) -> None:
     """PNG: up to 8 evenly spaced frames, input above disparity; MP4: input | disparity per frame."""
-    colours = disparity_colours(depth, mask)
+    colours = colourise(depth, mask)  # one range over the clip
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".png":
         import cv2

@@ -96,15 +96,16 @@ class BatchWorker:
         from daemon.jittor_env import import_jittor
         from daemon.pipeline import GeometryCrafter
         from daemon.offline.process import network_dtype
-        from daemon.stages.prior import PriorSettings, PriorSidecar
+        from daemon.config import PriorConfig
+        from daemon.stages.prior import PriorSidecar
 
         t0 = time.perf_counter()
         import_jittor()
         o = self.opts
         self._gc = GeometryCrafter.from_pretrained(o.model_dir, variant=o.variant, dtype=network_dtype(o.dtype))
         ckpt = Path(o.model_dir) / "moge" / "model.pt"
-        settings = PriorSettings(checkpoint=str(ckpt), python=o.prior_python, device=o.device, fp16=False,
-                                 resolution_level=9, request_timeout_s=3600.0)
+        settings = PriorConfig(checkpoint=str(ckpt), python=o.prior_python, device=o.device, fp16=False,
+                               resolution_level=9, request_timeout_s=3600.0)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="batch-prior-loop", daemon=True)
         self._thread.start()

@@ -6,22 +6,33 @@ holds the GIL while it computes (see :class:`GeometryWorker`). Each source has i
 (daemon.pipeline) in the worker, holding its carried state. The worker reads frames and priors from the
 source's shared-memory ring (one copy, on the way to the device).
 
-Pipe protocol (``multiprocessing`` Connection, pickled tuples; one request in flight at a time; every
-request is answered by ``("ok", value)`` or ``("error", "op: Type: message")``):
+Pipe protocol (``multiprocessing`` duplex Connection, pickled tuples, daemon -> worker; one request in
+flight at a time, serialised by ``GeometryWorker``'s lock; every request but "stop" is awaited):
 
-    request                                        ok value                      daemon's time limit
-    ("load",)                                      model load seconds (float)    none at startup; restart_timeout_s
-    ("warmup",)                                    warm-up seconds (float)       none at startup; restart_timeout_s
-    ("window", source, ring, [(slot, gen, i)..],   [FrameResult, ..] now final   the window deadline
-               first_seq)
-    ("flush", source)                              [FrameResult, ..] held back   the window deadline
-    ("detach", ring)                               None                          5 s, then given up (no kill)
-    ("ping",)                                      worker's monotonic clock      heartbeat_s (idle only)
-    ("stop",)                                      None, then the process exits  stop_timeout_s (exit included)
+    request                                 worker does                              reply value ("ok", v)
+    ("load",)                               build the processor (model load)         seconds (float)
+    ("warmup",)                             one dummy full window (:func:`warm_up`)  seconds (float)
+    ("window", source, ring_name,           attach the ring on first use, copy the   [FrameResult, ..] that
+     [(slot, generation, frame_index)..],   frames + priors, ``verify`` every ref,   are final now (the
+     first_seq)                             push to the source's StreamingSession    session holds the rest)
+                                            (created on the source's first window)
+    ("flush", source)                       end and forget the source's session      [FrameResult, ..] held
+                                                                                     back ([] if none)
+    ("detach", ring_name)                   close its view of the ring               None
+    ("ping",)                               nothing                                  worker's monotonic clock
+    ("stop",)                               close every ring, reply, exit            None (never read)
 
-A request past its limit, or EOF on the pipe (the process died), is a fault: the daemon kills the process
-and starts a new one (see :class:`GeometryWorker`). The worker ignores SIGINT/SIGTERM (the daemon
-coordinates shutdown) and dies with its parent (PR_SET_PDEATHSIG).
+    daemon's time limit per request: load and warmup none at startup, ``restart_timeout_s`` for the
+    whole restart (load + warmup); window and flush the window deadline; ping ``heartbeat_s`` (sent only
+    while idle); detach 5 s (supervisor.py; no fault, the process is about to stop); stop
+    ``stop_timeout_s`` for the process to exit, then SIGKILL.
+
+A request that raises in the worker (a stale slot, an unknown op, a pipeline error) is answered by
+``("error", "<op>: <ExceptionType>: <message>")``; the worker keeps serving, the daemon raises
+``GeometryError`` and counts the window's new frames as dropped (``geometry_error``). A request past its limit, or
+EOF on the pipe (the process died), is a fault (``GeometryTimeout``, ``GeometryWorkerDied``): the daemon
+kills the process and starts a new one (see :class:`GeometryWorker`). The worker ignores SIGINT/SIGTERM (the
+daemon coordinates shutdown) and dies with its parent (PR_SET_PDEATHSIG).
 
 ``IdentityGeometry`` is a PLUMBING-ONLY processor (returns the prior as the result, optionally after a
 fixed delay): it is selectable only through the hidden ``run --plumbing-identity-delay`` option (the
@@ -37,10 +48,11 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from daemon.config import Config, GeometryConfig, LoggingConfig, ModelConfig, StreamingConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,57 +74,29 @@ class Processor(Protocol):
     def new_session(self) -> Session: ...
 
 
-@dataclass(frozen=True)
-class SessionParams:
-    height: int
-    width: int
-    window_size: int
-    overlap: int
-    num_inference_steps: int
-    decode_chunk_size: int
-    force_projection: bool = True
-    force_fixed_focal: bool = True
-    use_extract_interp: bool = False
-    seed: int = 42
-    stats_policy: str = "follow"  # streaming.stats and its parameters (daemon/model/streaming_stats.py)
-    stats_smoothing: float = 0.5
-    stats_max_step: float = 0.4
-    cut_threshold: float = 0.4
-
-    @classmethod
-    def from_config(cls, g: Any, streaming: Any = None) -> "SessionParams":
-        st = {} if streaming is None else {
-            "stats_policy": streaming.stats, "stats_smoothing": streaming.stats_smoothing,
-            "stats_max_step": streaming.stats_max_step, "cut_threshold": streaming.cut_threshold}
-        return cls(g.height, g.width, g.window_size, g.overlap, g.steps, g.decode_chunk_size,
-                   g.force_projection, g.force_fixed_focal, g.use_extract_interp, g.seed, **st)
-
-
 class PipelineGeometry:
     """The real processor: ``GeometryCrafter.from_pretrained`` + one ``StreamingSession`` per source."""
 
     name = "geometrycrafter"
 
-    def __init__(self, model_dir: str | Path, variant: str, dtype: str, params: SessionParams,
-                 low_memory: bool = False) -> None:
+    def __init__(self, model: ModelConfig, geometry: GeometryConfig, streaming: StreamingConfig) -> None:
         from daemon.pipeline import GeometryCrafter
 
-        self.params = params
-        self.low_memory = low_memory
-        self.gc = GeometryCrafter.from_pretrained(model_dir, variant=variant, dtype=dtype)
+        self.geometry, self.streaming = geometry, streaming
+        self.gc = GeometryCrafter.from_pretrained(model.dir, variant=model.variant, dtype=model.dtype)
 
     def new_session(self) -> Session:
         from daemon.pipeline import StreamingSession
         from daemon.model.streaming_stats import PolicyParams
 
-        p = self.params
+        g, st = self.geometry, self.streaming
         return StreamingSession(
-            self.gc, height=p.height, width=p.width, window_size=p.window_size, overlap=p.overlap,
-            num_inference_steps=p.num_inference_steps, decode_chunk_size=p.decode_chunk_size,
-            force_projection=p.force_projection, force_fixed_focal=p.force_fixed_focal,
-            use_extract_interp=p.use_extract_interp, seed=p.seed, low_memory_usage=self.low_memory,
-            stats_policy=p.stats_policy,
-            stats_params=PolicyParams(p.stats_smoothing, p.stats_max_step, p.cut_threshold),
+            self.gc, height=g.height, width=g.width, window_size=g.window_size, overlap=g.overlap,
+            num_inference_steps=g.steps, decode_chunk_size=g.decode_chunk_size,
+            force_projection=g.force_projection, force_fixed_focal=g.force_fixed_focal,
+            use_extract_interp=g.use_extract_interp, seed=g.seed, low_memory_usage=g.low_memory,
+            stats_policy=st.stats,
+            stats_params=PolicyParams(st.stats_smoothing, st.stats_max_step, st.cut_threshold),
         )
 
 
@@ -158,22 +142,25 @@ class IdentityGeometry:
 
 @dataclass(frozen=True)
 class ProcessorSpec:
-    """What the worker process builds: the real pipeline, or the plumbing-only identity."""
+    """What the worker process builds (the real pipeline, or the plumbing-only identity), from the config
+    sections it needs; ``geometry`` also holds the worker's supervision keys (deadlines, heartbeat, budget)."""
 
     kind: str  # "pipeline" | "identity"
-    params: SessionParams
-    model_dir: str = ""
-    variant: str = "diff"
-    dtype: str = "fp16"
-    low_memory: bool = False
+    model: ModelConfig
+    geometry: GeometryConfig
+    streaming: StreamingConfig
+    logging: LoggingConfig
     identity_delay_s: float = 0.0
-    log_level: str = "info"
-    log_format: str = "text"
+
+    @classmethod
+    def from_config(cls, cfg: Config, identity_delay_s: float | None = None) -> ProcessorSpec:
+        kind = "pipeline" if identity_delay_s is None else "identity"
+        return cls(kind, cfg.model, cfg.geometry, cfg.streaming, cfg.logging, identity_delay_s or 0.0)
 
     def build(self) -> Processor:
         if self.kind == "identity":
             return IdentityGeometry(self.identity_delay_s)
-        return PipelineGeometry(self.model_dir, self.variant, self.dtype, self.params, self.low_memory)
+        return PipelineGeometry(self.model, self.geometry, self.streaming)
 
 
 class GeometryFault(GeometryError):
@@ -196,24 +183,6 @@ class GeometryWorkerDied(GeometryFault):
 
 class GeometryUnavailable(GeometryError):
     """The worker could not be (re)started: restart budget spent, or the restart itself failed."""
-
-
-@dataclass(frozen=True)
-class WorkerPolicy:
-    """Supervision of the worker; same names and defaults as the ``[geometry]`` keys of daemon/config.py."""
-
-    window_deadline_s: float = 0.0  # 0: deadline_factor x warm-up seconds, at least deadline_floor_s
-    deadline_factor: float = 3.0
-    deadline_floor_s: float = 60.0
-    heartbeat_s: float = 5.0
-    restart_budget: int = 5
-    stop_timeout_s: float = 15.0
-    restart_timeout_s: float = 900.0
-
-    @classmethod
-    def from_config(cls, g: Any) -> "WorkerPolicy":
-        return cls(g.window_deadline_s, g.deadline_factor, g.deadline_floor_s, g.heartbeat_s, g.restart_budget,
-                   g.stop_timeout_s, g.restart_timeout_s)
 
 
 _BUDGET_WINDOW_S = 60.0
@@ -240,9 +209,9 @@ class GeometryWorker:
     counted by the caller). ``push_window`` retries the faulting window once on the new process.
     """
 
-    def __init__(self, spec: ProcessorSpec, policy: WorkerPolicy | None = None) -> None:
+    def __init__(self, spec: ProcessorSpec) -> None:
         self.spec = spec
-        self.policy = policy or WorkerPolicy()
+        self.policy = spec.geometry  # window_deadline_s, deadline_*, heartbeat_s, restart_*, stop_timeout_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geometry-pipe")
         self._lock = asyncio.Lock()
         self._proc: Any = None
@@ -505,7 +474,7 @@ def _worker_main(conn: Any, spec: ProcessorSpec) -> None:
 
     _die_with_parent()
     set_process_title("geometryd: geometry")
-    setup_logging(spec.log_level, spec.log_format)
+    setup_logging(spec.logging.level, spec.logging.format)
     processor: Processor | None = None
     sessions: dict[str, Session] = {}
     rings: dict[str, Any] = {}
@@ -529,7 +498,7 @@ def _worker_main(conn: Any, spec: ProcessorSpec) -> None:
                 reply = time.monotonic() - t0
             elif op == "warmup":
                 assert processor is not None
-                reply = warm_up(processor, spec.params)
+                reply = warm_up(processor, spec.geometry)
             elif op == "window":
                 _, source, ring_name, wire, first_seq = msg
                 assert processor is not None
@@ -572,14 +541,14 @@ def set_process_title(title: str) -> None:
     setproctitle.setproctitle(title)
 
 
-def warm_up(processor: Processor, params: SessionParams) -> float:
+def warm_up(processor: Processor, geometry: GeometryConfig) -> float:
     """Run one dummy window (random frames, a tilted-plane prior) so every kernel compiles before READY=1.
 
     Kernels are compiled per shape: the warm-up uses the full window at the processing size; a shorter last
     window of a stream still compiles its own kernels when it comes."""
     t0 = time.monotonic()
     rng = np.random.default_rng(0)
-    n, h, w = params.window_size, params.height, params.width
+    n, h, w = geometry.window_size, geometry.height, geometry.width
     frames = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
     ys, xs = np.meshgrid(np.linspace(-0.5, 0.5, h), np.linspace(-0.5, 0.5, w), indexing="ij")
     z = 1.0 + 2.0 * (0.5 - ys)  # a floor-like tilted plane: depth varies, so the prior statistics are sane

@@ -3,48 +3,40 @@
 ``av.open(url, options={"rtsp_transport": "tcp", "timeout": <us>}, timeout=(open, read))`` in a reader
 thread; the async side waits for each frame at most ``stall_timeout_s`` and otherwise abandons the
 connection and reopens. A server that dies mid-stream makes PyAV raise ``InvalidDataError`` (not a clean
-EOF), so every ``av.error.FFmpegError`` leads to a reconnect with exponential backoff and full jitter,
-reset after a frame arrives. A camera never "ends": an EOF also reconnects. A frame's pts is its wall-clock
-(unix) receive time: camera timestamps restart with each session, and subscribers derive latency from it. Credentials in the URL never
-reach a log line (:func:`scrub_url`).
+EOF), so every ``av.error.FFmpegError`` leads to a reconnect with exponential backoff and equal jitter
+(:class:`daemon.backoff.Backoff`), reset after a frame arrives. A camera never "ends": an EOF also
+reconnects. A frame's pts is its wall-clock (unix) receive time: camera timestamps restart with each
+session, and subscribers derive latency from it. Credentials in the URL never reach a log line
+(:func:`daemon.redact.scrub`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
-from daemon.redact import scrub
+from daemon.backoff import Backoff
+from daemon.config import Source
 from daemon.frames import IngestFrame
+from daemon.redact import scrub
 from daemon.stages.ingest_file import IngestError, StallError, ThreadedReader, decode_container
 
 log = logging.getLogger(__name__)
-
-scrub_url = scrub  # ``rtsp://user:pass@host/x`` -> ``rtsp://***:***@host/x`` anywhere in a string
-
-
-def backoff_delays(initial: float, maximum: float, rng: random.Random | None = None) -> Iterator[float]:
-    """Exponential backoff with full jitter: uniform(0.5, 1) x min(max, initial * 2**n)."""
-    rng = rng or random.Random()
-    n = 0
-    while True:
-        yield min(maximum, initial * (2**n)) * rng.uniform(0.5, 1.0)
-        n += 1
 
 
 class RtspIngest:
     live = True
 
-    def __init__(self, name: str, url: str, height: int, width: int, *, open_timeout_s: float = 5.0,
-                 stall_timeout_s: float = 5.0, reconnect_initial_s: float = 0.5, reconnect_max_s: float = 10.0,
+    def __init__(self, name: str, src: Source, height: int, width: int, *,
                  on_reconnect: Callable[[], None] | None = None, on_up: Callable[[bool], None] | None = None,
                  on_error: Callable[[str], None] | None = None) -> None:
-        self.name, self.url = name, url
+        """``src``: the source's ``[sources.<name>]`` table (url, open/stall timeouts, reconnect backoff)."""
+        self.name, self.url = name, src.url
         self.height, self.width = height, width
-        self.open_timeout_s, self.stall_timeout_s = open_timeout_s, stall_timeout_s
-        self.reconnect_initial_s, self.reconnect_max_s = reconnect_initial_s, reconnect_max_s
+        self.open_timeout_s, self.stall_timeout_s = src.open_timeout_s, src.stall_timeout_s
+        self.backoff = Backoff(src.reconnect_initial_s, src.reconnect_max_s)
         self._on_reconnect = on_reconnect or (lambda: None)
         self._on_up = on_up or (lambda up: None)
         self._on_error = on_error or (lambda kind: None)
@@ -60,22 +52,20 @@ class RtspIngest:
                 timeout=(self.open_timeout_s, self.stall_timeout_s),
             )
         except (av.error.FFmpegError, OSError) as exc:
-            raise IngestError(f"source {self.name}: cannot open {scrub_url(self.url)}: "
-                              f"{scrub_url(str(exc))}") from exc
+            raise IngestError(f"source {self.name}: cannot open {scrub(self.url)}: "
+                              f"{scrub(str(exc))}") from exc
         try:
             for image, _ in decode_container(container, self.height, self.width):
                 # a camera's pts restarts with every session: publish the wall-clock receive time instead
                 # (monotonic across reconnects; subscribers read pts > 1e9 as a unix time -> latency)
                 yield IngestFrame(image, time.time(), time.monotonic())
         except av.error.FFmpegError as exc:
-            raise IngestError(f"source {self.name}: stream error: {scrub_url(str(exc))}") from exc
+            raise IngestError(f"source {self.name}: stream error: {scrub(str(exc))}") from exc
         finally:
             container.close()
 
     async def frames(self) -> AsyncIterator[IngestFrame]:
-        import asyncio
-
-        delays = backoff_delays(self.reconnect_initial_s, self.reconnect_max_s)
+        self.backoff.reset()
         attempt = 0
         while True:
             if attempt:
@@ -94,9 +84,9 @@ class RtspIngest:
                     assert isinstance(item, IngestFrame)
                     if not got_frame:
                         got_frame = True
-                        delays = backoff_delays(self.reconnect_initial_s, self.reconnect_max_s)
+                        self.backoff.reset()
                         self._on_up(True)
-                        log.info("rtsp connected", extra={"source": self.name, "url": scrub_url(self.url)})
+                        log.info("rtsp connected", extra={"source": self.name, "url": scrub(self.url)})
                     yield item
             except StallError as exc:
                 self._on_error("stall")
@@ -107,4 +97,4 @@ class RtspIngest:
             finally:
                 reader.abandon()
             self._on_up(False)
-            await asyncio.sleep(next(delays))
+            await asyncio.sleep(self.backoff.next())

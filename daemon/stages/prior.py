@@ -6,7 +6,8 @@ stay in the FrameRing (shared memory).
 
 Supervision: ready handshake with `startup_timeout_s`; a ping every `ping_interval_s` (a pong missing for
 `ping_timeout_s` = hung -> kill + restart); a request without an answer after `request_timeout_s` -> kill +
-restart; a crash (EOF on the socket) -> restart with exponential backoff; in-flight requests are retried on
+restart; a crash (EOF on the socket) -> restart (the first at once, the next ones in a row after a
+jittered exponential wait, :class:`daemon.backoff.Backoff`, reset by an answered ping or request); in-flight requests are retried on
 the new process (up to `max_attempts` tries each), never dropped silently; at most `restart_budget`
 restarts per 60 s, then every request fails with PriorError until the budget window frees up.
 """
@@ -25,12 +26,13 @@ import sys
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from daemon.backoff import Backoff
+from daemon.config import PriorConfig
 from daemon.shm import FrameRing, SlotRef
 
 log = logging.getLogger(__name__)
@@ -60,20 +62,6 @@ class SidecarBudgetExhausted(SidecarUnavailable):
     """``restart_budget`` restarts happened in the last 60 s: no restart until the window frees one."""
 
 
-@dataclass(frozen=True)
-class PriorSettings:
-    """Same attribute names and defaults as `config.prior` (daemon/config.py PriorConfig)."""
-
-    checkpoint: str = ""
-    python: str = ""
-    device: str = "auto"
-    fp16: bool = False
-    resolution_level: int = 9
-    request_timeout_s: float = 300.0
-    startup_timeout_s: float = 120.0
-    restart_budget: int = 5
-
-
 class _Crashed(Exception):
     """Internal: the connection died while a request was in flight."""
 
@@ -81,7 +69,7 @@ class _Crashed(Exception):
 class PriorSidecar:
     """Async supervisor of one MoGe sidecar process shared by all sources."""
 
-    def __init__(self, prior_cfg: Any, checkpoint: Path, *, chunk: int = 8, moge_version: int = 1,
+    def __init__(self, prior_cfg: PriorConfig, checkpoint: Path, *, chunk: int = 8, moge_version: int = 1,
                  ping_interval_s: float = 5.0, ping_timeout_s: float = 10.0, max_attempts: int = 3,
                  backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0, threads: int = 0,
                  extra_env: dict[str, str] | None = None, log_level: str = "", log_format: str = "") -> None:
@@ -92,8 +80,7 @@ class PriorSidecar:
         self.ping_interval_s = ping_interval_s
         self.ping_timeout_s = ping_timeout_s
         self.max_attempts = max_attempts
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
+        self.backoff = Backoff(backoff_initial_s, backoff_max_s)
         self.threads = threads
         self.extra_env = dict(extra_env or {})
         self.log_level, self.log_format = log_level, log_format  # the daemon's [logging]; "" = sidecar default
@@ -171,13 +158,13 @@ class PriorSidecar:
         await self.stop()
 
     def _command(self) -> list[str]:
-        python = getattr(self.cfg, "python", "") or sys.executable
+        python = self.cfg.python or sys.executable
         cmd = [python, "-m", "moge_sidecar", "--socket", str(self.socket_path), "--checkpoint",
-               str(self.checkpoint), "--device", getattr(self.cfg, "device", "auto"),
-               "--resolution-level", str(getattr(self.cfg, "resolution_level", 9)),
+               str(self.checkpoint), "--device", self.cfg.device,
+               "--resolution-level", str(self.cfg.resolution_level),
                "--moge-version", str(self.moge_version), "--chunk", str(self.chunk),
                "--parent-pid", str(os.getpid())]
-        if getattr(self.cfg, "fp16", False):
+        if self.cfg.fp16:
             cmd.append("--fp16")
         if self.threads:
             cmd += ["--threads", str(self.threads)]
@@ -203,7 +190,7 @@ class PriorSidecar:
         except OSError as exc:
             raise SidecarUnavailable(f"cannot start MoGe sidecar {cmd[0]!r}: {exc}") from exc
         self.pid = self._proc.pid
-        timeout = float(getattr(self.cfg, "startup_timeout_s", 120.0))
+        timeout = self.cfg.startup_timeout_s
         try:
             await asyncio.wait_for(self._handshake(), timeout)
         except asyncio.TimeoutError:
@@ -298,13 +285,12 @@ class PriorSidecar:
         now = time.monotonic()
         while self._restart_times and now - self._restart_times[0] > _BUDGET_WINDOW_S:
             self._restart_times.popleft()
-        budget = int(getattr(self.cfg, "restart_budget", 5))
+        budget = self.cfg.restart_budget
         if len(self._restart_times) >= budget:
             raise SidecarBudgetExhausted(f"MoGe sidecar restart budget exhausted ({budget} per "
                                      f"{_BUDGET_WINDOW_S:.0f} s); last failure: {reason}")
-        delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** self._consecutive_failures)
         if self._consecutive_failures:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(self.backoff.next())
         self._consecutive_failures += 1
         self._restart_times.append(time.monotonic())
         self.restarts += 1
@@ -313,7 +299,7 @@ class PriorSidecar:
 
     def budget_wait_s(self) -> float:
         """Seconds until the restart budget allows another restart (0 when it does now)."""
-        budget = int(getattr(self.cfg, "restart_budget", 5))
+        budget = self.cfg.restart_budget
         times = list(self._restart_times)
         if len(times) < budget or not times:
             return 0.0
@@ -340,6 +326,7 @@ class PriorSidecar:
             try:
                 await self._call({"op": "ping"}, self.ping_timeout_s)
                 self._consecutive_failures = 0
+                self.backoff.reset()
             except (asyncio.TimeoutError, _Crashed) as exc:
                 log.warning("MoGe sidecar failed its health check", extra={"error": repr(exc)})
                 try:
@@ -385,7 +372,7 @@ class PriorSidecar:
             return {"frames": 0}
         msg = {"op": "prior", "ring": ring.name, "slots": [r.slot for r in refs],
                "generations": [r.generation for r in refs]}
-        timeout = float(getattr(self.cfg, "request_timeout_s", 300.0))
+        timeout = self.cfg.request_timeout_s
         self.requests += 1
         last: str = ""
         t0 = time.perf_counter()
@@ -418,6 +405,7 @@ class PriorSidecar:
                 raise
             if reply.get("op") == "done":
                 self._consecutive_failures = 0
+                self.backoff.reset()
                 timing = dict(reply.get("timing") or {})
                 timing["roundtrip_ms"] = (time.perf_counter() - t0) * 1e3
                 timing["attempts"] = attempt
@@ -493,12 +481,12 @@ def run_priors(frames: np.ndarray, checkpoint: Path, device: str = "cpu", fp16: 
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be (T,H,W,3) uint8, got {frames.shape} {frames.dtype}")
-    settings = PriorSettings(checkpoint=str(checkpoint), python=python or "", device=device, fp16=fp16,
-                             resolution_level=resolution_level, request_timeout_s=request_timeout_s)
+    settings = PriorConfig(checkpoint=str(checkpoint), python=python or "", device=device, fp16=fp16,
+                           resolution_level=resolution_level, request_timeout_s=request_timeout_s)
     return asyncio.run(_run_priors(frames, settings, Path(checkpoint), chunk, n_slots, moge_version, threads))
 
 
-async def _run_priors(frames: np.ndarray, settings: PriorSettings, checkpoint: Path, chunk: int, n_slots: int,
+async def _run_priors(frames: np.ndarray, settings: PriorConfig, checkpoint: Path, chunk: int, n_slots: int,
                       moge_version: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
     t, h, w, _ = frames.shape
     points = np.empty((t, h, w, 3), np.float32)

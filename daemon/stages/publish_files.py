@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from daemon.config import FilesConfig
 from daemon.wire import encoding
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class _NpzStream:
 class FileSink:
     """Writes frames of every source under ``files_cfg.dir`` (``files_cfg``: a ``config.FilesConfig``)."""
 
-    def __init__(self, files_cfg: Any) -> None:
+    def __init__(self, files_cfg: FilesConfig) -> None:
         self.cfg = files_cfg
         self.root = Path(files_cfg.dir)
         self.mode = files_cfg.npz

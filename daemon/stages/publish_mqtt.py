@@ -1,9 +1,9 @@
 """MQTT v5 publishing stage: per-frame depth/points, retained intrinsics and status (docs/mqtt.md).
 
 One aiomqtt client per daemon, run by a background task with the documented aiomqtt reconnect loop
-(exponential backoff). ``publish_frame`` encodes in a worker thread and only enqueues: it never waits for the
-broker and never raises on broker loss. Data messages go through a bounded outbox (``asyncio.Queue``,
-``outbox_size``): when it is full the OLDEST message is dropped. Retained messages (status, intrinsics) are
+(exponential backoff with jitter, :class:`daemon.backoff.Backoff`). ``publish_frame`` encodes in a worker
+thread and only enqueues: it never waits for the broker and never raises on broker loss. Data messages go
+through a bounded outbox (``asyncio.Queue``, ``outbox_size``): when it is full the OLDEST message is dropped. Retained messages (status, intrinsics) are
 coalesced per topic (latest wins) and re-sent after every (re)connect, so a restarted broker without
 persistence gets them back.
 
@@ -41,6 +41,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from daemon.backoff import Backoff
+from daemon.config import MqttConfig
 from daemon.wire import encoding
 
 log = logging.getLogger(__name__)
@@ -156,13 +158,13 @@ def _json_payload(obj: dict[str, Any]) -> bytes:
 
 
 class MqttPublisher:
-    """Async context manager publishing geometry results for ``sources`` (interfaces.md "Daemon").
+    """Async context manager publishing geometry results for ``sources`` (topics and payloads: docs/mqtt.md).
 
     ``metrics`` (optional, ``daemon.metrics.Metrics``-like): its ``mqtt_published``, ``mqtt_dropped`` and
     ``mqtt_reconnects`` gauges are kept equal to this publisher's counters.
     """
 
-    def __init__(self, mqtt_cfg: Any, sources: list[str], metrics: Any = None) -> None:
+    def __init__(self, mqtt_cfg: MqttConfig, sources: list[str], metrics: Any = None) -> None:
         self.cfg = mqtt_cfg
         self.prefix = mqtt_cfg.topic_prefix.rstrip("/")
         self.client_id = mqtt_cfg.client_id or f"geometryd-{socket.gethostname()}-{os.getpid()}"
@@ -562,7 +564,7 @@ class MqttPublisher:
         import aiomqtt
 
         assert self._stop is not None and self._connected is not None
-        delay = float(self.cfg.reconnect_initial_s)
+        backoff = Backoff(self.cfg.reconnect_initial_s, self.cfg.reconnect_max_s)
         where = f"{self.cfg.host}:{self.cfg.port}"
         while not self._stop.is_set():
             client = None
@@ -578,7 +580,7 @@ class MqttPublisher:
                     self._last_warn, self._unwarned = -math.inf, 0
                     log.info("mqtt: connected to %s as %s (broker max packet %s)", where, self.client_id,
                              self._broker_max_packet)
-                    delay = float(self.cfg.reconnect_initial_s)
+                    backoff.reset()
                     self._retained_dirty.update(self._retained)  # the broker may have lost them
                     await self._serve(client)
                     return  # stop requested and everything sent: leave (graceful DISCONNECT)
@@ -603,10 +605,9 @@ class MqttPublisher:
             if self._stop.is_set():
                 return
             try:
-                await asyncio.wait_for(self._stop.wait(), delay)
+                await asyncio.wait_for(self._stop.wait(), backoff.next())
             except (TimeoutError, asyncio.TimeoutError):
                 pass
-            delay = min(delay * 2, float(self.cfg.reconnect_max_s))
 
     def _connect_failed(self, where: str, exc: Exception) -> None:
         """Remember why the broker is down (for /healthz and drop labels); warn at a bounded rate."""

@@ -10,11 +10,12 @@ dropped{reason}.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from daemon.config import Config, Source
@@ -101,7 +102,7 @@ class SourceRunner:
         self._prior_upto = 0  # frames (by seq) whose per-frame prior request is finished
         self._prior_cond = asyncio.Condition()
         self._batcher_done = False
-        self.preview_on = bool(getattr(src, "preview", False)) and (cfg.mqtt.enabled or cfg.http.enabled)
+        self.preview_on = src.preview and (cfg.mqtt.enabled or cfg.http.enabled)
         self.preview_scale = PreviewScale(cfg.streaming.cut_threshold)
         self._preview_pending: set[int] = set()  # seqs whose preview was not yet handed to a sink
         wants_colour = any(s is not None and s.colour for s in (parts.mcap, parts.foxglove))
@@ -119,9 +120,7 @@ class SourceRunner:
                 self.reconnects += 1
                 m.source_reconnects.labels(self.name).inc()
 
-            return RtspIngest(self.name, src.url, g.height, g.width, open_timeout_s=src.open_timeout_s,
-                              stall_timeout_s=src.stall_timeout_s, reconnect_initial_s=src.reconnect_initial_s,
-                              reconnect_max_s=src.reconnect_max_s, on_reconnect=on_reconnect,
+            return RtspIngest(self.name, src, g.height, g.width, on_reconnect=on_reconnect,
                               on_up=lambda up: m.source_up.labels(self.name).set(1 if up else 0),
                               on_error=lambda kind: m.source_errors.labels(self.name, kind).inc())
         if src.type == "webrtc":  # sessions arrive through WHIP (stages/ingest_webrtc.py)
@@ -494,7 +493,7 @@ class SourceRunner:
                                                                          "seq": res.frame_index})
                 continue
             self.preview_scale.observe_refined(meta.seq, float(getattr(res, "prior_scale", 1.0)))
-            res = dataclasses.replace(res, frame_index=meta.frame_index)
+            res = replace(res, frame_index=meta.frame_index)
             if self.d.hub is not None:  # live viewer (keeps a reference; encodes only while watched)
                 self.d.hub.push(self.name, res, meta.pts, time.monotonic() - meta.t_ingest, tier="refined")
             if self.d.files is not None:

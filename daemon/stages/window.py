@@ -1,9 +1,10 @@
 """Sliding windows over a source's frames, and the overload policy that admits frames into them.
 
-Windows follow the pipeline contract (interfaces.md): the first window is ``window_size`` new frames;
-each later one is the last ``overlap`` frames of the previous window followed by ``stride = window_size -
-overlap`` new frames. A slot is referenced by every window that contains it and released to the ring when
-the last of those windows is done (overlap slots live through two windows).
+Windows follow the pipeline contract (``StreamingSession.push_window``, daemon/pipeline.py): the first
+window is ``window_size`` new frames; each later one is the last ``overlap`` frames of the previous window
+followed by ``stride = window_size - overlap`` new frames. A slot is referenced by every window that
+contains it and released to the ring when the last of those windows is done (overlap slots live through
+two windows).
 
 Overload (architecture.md "Streaming semantics"): at most ``bound`` complete windows may wait for the
 geometry stage (``skip``: 1, so the prior of window N+1 overlaps geometry of window N; ``queue``:

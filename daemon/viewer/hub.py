@@ -8,8 +8,8 @@ oldest message, never blocks the daemon).
 
 Message layout (little-endian): ``uint32 n`` + ``n`` bytes of JSON header (space-padded so the payload starts
 4-aligned), then the payload; the header names byte ranges relative to the payload start: ``jpeg``
-[offset, length] (colourised inverse depth, turbo colormap, invalid pixels black), ``xyz`` [offset, count]
-(float32 x,y,z; 4-aligned), ``rgb`` [offset, count] (uint8 colour per point).
+[offset, length] (``daemon.depth_colour.colourise``: disparity, Turbo, invalid pixels black), ``xyz``
+[offset, count] (float32 x,y,z; 4-aligned), ``rgb`` [offset, count] (uint8 colour per point).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from daemon.depth_colour import colourise
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +54,6 @@ class _Channel:
     encoded: int = 0
 
 
-def colorize_depth(depth: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """(H,W) depth -> (H,W,3) uint8 RGB: inverse depth scaled by its 2nd..98th percentile, turbo colormap."""
-    import cv2
-
-    valid = mask & np.isfinite(depth) & (depth > 0)
-    inv = np.zeros(depth.shape, np.float32)
-    inv[valid] = 1.0 / depth[valid]
-    if valid.any():
-        lo, hi = np.percentile(inv[valid], [2, 98])
-        scaled = (inv - lo) / max(float(hi - lo), 1e-12)
-    else:
-        scaled = inv
-    u8 = (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
-    rgb = cv2.cvtColor(cv2.applyColorMap(u8, cv2.COLORMAP_TURBO), cv2.COLOR_BGR2RGB)
-    rgb[~valid] = 0
-    return rgb
-
-
 def encode_message(source: str, latest: _Latest, max_points: int = MAX_POINTS) -> bytes:
     """One viewer message for a FrameResult (see the module docstring for the layout)."""
     import cv2
@@ -77,7 +61,7 @@ def encode_message(source: str, latest: _Latest, max_points: int = MAX_POINTS) -
     res = latest.result
     depth = np.asarray(res.depth, np.float32)
     mask = np.asarray(res.mask, bool)
-    rgb = colorize_depth(depth, mask)
+    rgb = colourise(depth, mask)
     ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
     if not ok:
         raise RuntimeError("JPEG encoding failed")

@@ -43,9 +43,9 @@ class HeaderError(ValueError):
 
 @dataclass(frozen=True)
 class TensorInfo:
-    dtype: str
+    dtype: str  # safetensors tag, e.g. "F16"
     shape: Shape
-    start: int
+    start: int  # absolute byte offset of the tensor's data in the file
     end: int
 
 
@@ -59,47 +59,55 @@ def load_manifest(name: str) -> dict[str, Shape]:
     return out
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensor names, dtypes, shapes and offsets of a safetensors file, reading only its header.
+def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Tensor names, dtypes, shapes and absolute data offsets of a safetensors file, reading only its header.
 
-    Raises ``HeaderError`` for a malformed header, offsets that do not match the shapes, or a file shorter
-    (truncated download) or longer than its header says.
+    The one header reader of the project (the checker here and the loader in ``daemon/model/loader.py``).
+    Raises ``HeaderError`` (text ``corrupt safetensors header (...)`` or ``truncated safetensors file
+    (...)``) for a malformed header, offsets that do not match the shapes, or a file shorter (truncated
+    download) or longer than its header says (safetensors itself rejects both). ``OSError`` passes through.
     """
+    path = Path(path)
     size = path.stat().st_size
     with path.open("rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
-            raise HeaderError(f"{path}: {size} bytes, too short for a safetensors header")
+            raise HeaderError(f"{path}: corrupt safetensors header ({size} bytes, too short for a header)")
         (n,) = struct.unpack("<Q", prefix)
         if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise HeaderError(f"{path}: header length {n} does not fit a {size}-byte file")
+            raise HeaderError(f"{path}: corrupt safetensors header (header length {n} does not fit a "
+                              f"{size}-byte file)")
         raw = f.read(n)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HeaderError(f"{path}: header is not JSON ({exc})") from None
+        raise HeaderError(f"{path}: corrupt safetensors header (header is not JSON: {exc})") from None
     if not isinstance(header, dict):
-        raise HeaderError(f"{path}: header is not a JSON object")
+        raise HeaderError(f"{path}: corrupt safetensors header (header is not a JSON object)")
+    base = 8 + n
     tensors: dict[str, TensorInfo] = {}
     data_end = 0
     for key, entry in header.items():
         if key == "__metadata__":
             continue
         try:
-            dtype, (start, end) = entry["dtype"], entry["data_offsets"]
+            dtype, (start, end) = entry["dtype"], (int(o) for o in entry["data_offsets"])
             shape = tuple(int(d) for d in entry["shape"])
         except (KeyError, TypeError, ValueError):
-            raise HeaderError(f"{path}: malformed entry for {key!r}") from None
+            raise HeaderError(f"{path}: corrupt safetensors header (malformed entry for {key!r})") from None
         numel = 1
         for d in shape:
             numel *= d
         if dtype not in DTYPE_BYTES or end - start != numel * DTYPE_BYTES[dtype] or start < 0:
-            raise HeaderError(f"{path}: entry {key!r} ({dtype} {list(shape)}) has offsets {start}..{end}")
-        tensors[key] = TensorInfo(dtype, shape, start, end)
+            raise HeaderError(f"{path}: corrupt safetensors header ({key!r}: {dtype} {list(shape)} does not "
+                              f"match offsets {start}..{end})")
+        if base + end > size:
+            raise HeaderError(f"{path}: truncated safetensors file ({key!r} needs bytes up to {base + end}, "
+                              f"the file has {size})")
+        tensors[key] = TensorInfo(dtype, shape, base + start, base + end)
         data_end = max(data_end, end)
-    if size != 8 + n + data_end:
-        what = "truncated" if size < 8 + n + data_end else "longer than its header says"
-        raise HeaderError(f"{path}: {size} bytes, expected {8 + n + data_end} ({what})")
+    if size != base + data_end:
+        raise HeaderError(f"{path}: {size} bytes, expected {base + data_end} (longer than its header says)")
     return tensors
 
 
