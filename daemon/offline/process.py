@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from daemon.model.downsample import downsample_frames, downsampled_size, quantize_frames, upsample_output
+from daemon.offline.ply import write_ply_sequence
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +143,18 @@ def process_file(args: argparse.Namespace) -> int:
         out.depth = np.ascontiguousarray(out.point_map[..., 2])
 
     t0 = time.perf_counter()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out, point_map=out.point_map.astype(np.float16), mask=out.mask.astype(bool))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.out, point_map=out.point_map.astype(np.float16), mask=out.mask.astype(bool))
+    if getattr(args, "ply_dir", None) is not None:
+        write_ply_sequence(args.ply_dir, out.point_map, frames, out.mask)
     if args.png_depth is not None:
         write_png_depth(args.png_depth, out.depth, out.mask)
     if args.preview is not None:
         write_preview(args.preview, frames, out.depth, out.mask, fps)
     timings["write"] = time.perf_counter() - t0
     summary = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
-    log.info("wrote %s (%d frames %dx%d); %s", args.out, t, w0, h0, summary)
-    print(f"{args.out}: {t} frames {w0}x{h0} ({summary})")
+    target = args.out if args.out is not None else args.ply_dir
+    log.info("wrote %s (%d frames %dx%d); %s", target, t, w0, h0, summary)
+    print(f"{target}: {t} frames {w0}x{h0} ({summary})")
     return 0
