@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from daemon.config import Config, Source
@@ -466,7 +466,7 @@ class SourceRunner:
                                                                          "seq": res.frame_index})
                 continue
             self.preview_scale.observe_refined(meta.seq, float(getattr(res, "prior_scale", 1.0)))
-            res = dataclasses.replace(res, frame_index=meta.frame_index)
+            res = replace(res, frame_index=meta.frame_index)
             if self.d.hub is not None:  # live viewer (keeps a reference; encodes only while watched)
                 self.d.hub.push(self.name, res, meta.pts, time.monotonic() - meta.t_ingest, tier="refined")
             if self.d.files is not None:
