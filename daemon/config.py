@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import msgspec
 import msgspec.inspect as mi
 
+from daemon.intrinsics import check_pixel_intrinsics
 from daemon.redact import redact_value, scrub
 
 __all__ = [
@@ -224,9 +225,10 @@ class ClusterConfig(_Section, frozen=True, kw_only=True):
 
 # Keys each source type may set (besides `type`); the others keep their defaults.
 SOURCE_TYPE_KEYS: dict[str, tuple[str, ...]] = {
-    "file": ("path", "loop", "realtime", "preview"),
-    "rtsp": ("url", "open_timeout_s", "stall_timeout_s", "reconnect_initial_s", "reconnect_max_s", "preview"),
-    "webrtc": ("preview",),
+    "file": ("path", "loop", "realtime", "preview", "intrinsics"),
+    "rtsp": ("url", "open_timeout_s", "stall_timeout_s", "reconnect_initial_s", "reconnect_max_s", "preview",
+             "intrinsics"),
+    "webrtc": ("preview", "intrinsics"),
 }
 
 
@@ -246,6 +248,8 @@ class Source(_Section, frozen=True, kw_only=True):
     reconnect_max_s: PosSeconds = 30.0
     # every type
     preview: bool = True
+    # [fx, fy, cx, cy] in pixels of the source's decoded size (daemon/model/intrinsics.py); absent: estimated
+    intrinsics: Annotated[list[float], msgspec.Meta(min_length=4, max_length=4)] | None = None
 
 
 class Config(_Section, frozen=True, kw_only=True):
@@ -299,7 +303,7 @@ def to_toml(cfg: Config) -> str:
     for name, src in sources.items():
         lines.append(f"[sources.{name}]")
         keys = ("type", *SOURCE_TYPE_KEYS[src["type"]])
-        lines += [f"{k} = {_toml_value(src[k])}" for k in keys]
+        lines += [f"{k} = {_toml_value(src[k])}" for k in keys if src[k] is not None]
         lines.append("")
     return "\n".join(lines)
 
@@ -467,6 +471,10 @@ def _describe(info: Any) -> str:
         return "a string"
     if isinstance(info, (mi.StructType, mi.DictType)):
         return "a table"
+    if isinstance(info, mi.UnionType):  # `X | None` keys: the TOML file can only give X
+        return " or ".join(_describe(t) for t in info.types if not isinstance(t, mi.NoneType))
+    if isinstance(info, mi.ListType) and info.min_length is not None and info.min_length == info.max_length:
+        return f"an array of {info.min_length} {'numbers' if isinstance(info.item_type, mi.FloatType) else 'items'}"
     return "a valid value"
 
 
@@ -580,6 +588,14 @@ def _check(cfg: Config) -> None:
                 _fmt(src.reconnect_initial_s),
                 f"must be <= {key}.reconnect_max_s ({src.reconnect_max_s})",
             )
+        if src.intrinsics is not None:
+            try:
+                check_pixel_intrinsics(src.intrinsics)
+            except ValueError as exc:
+                raise ConfigError(f"{key}.intrinsics", _fmt(src.intrinsics), str(exc)) from None
+            if not g.force_projection:
+                raise ConfigError("geometry.force_projection", "false", f"true: {key}.intrinsics replace the "
+                                  "focal of the projection step")
         if src.type == "webrtc" and not h.enabled:
             allowed = f"true: webrtc source {name} needs the HTTP server (WHIP endpoint)"
             raise ConfigError("http.enabled", "false", allowed)

@@ -19,6 +19,7 @@ class IngestFrame:
     image: np.ndarray  # (H, W, 3) uint8 RGB at the processing size
     pts: float  # seconds on the source's timeline (continues across loops/reconnects)
     t_ingest: float  # time.monotonic() when the frame was decoded (end-to-end latency origin)
+    source_size: tuple[int, int] = (0, 0)  # (H, W) as decoded, before the resize (0, 0: unknown)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from daemon.intrinsics import check_pixel_intrinsics
 from daemon.offline.process import UsageError, process_file
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also write 16-bit PNG depth frames")
     p.add_argument("--preview", type=Path, default=None, metavar="PNG|MP4",
                    help="colourised disparity preview")
+    p.add_argument("--intrinsics", type=_intrinsics, default=None, metavar="FX,FY,CX,CY",
+                   help="known camera intrinsics in pixels of the video's size (OpenCV convention); they "
+                        "replace the estimated focal in the projection step")
     p.add_argument("--format", dest="formats", type=_formats, default=("npz",), metavar="npz|ply|npz,ply",
                    help="output formats: npz (default) and/or ply (one binary PLY per frame, xyz + rgb, "
                         "valid points only, in the --out folder; npz then goes to OUT/<video name>.npz)")
@@ -94,6 +98,13 @@ def _formats(text: str) -> tuple[str, ...]:
     if bad or not names:
         raise argparse.ArgumentTypeError(f"formats are npz, ply or npz,ply; got {text!r}")
     return names
+
+
+def _intrinsics(text: str) -> tuple[float, ...]:
+    try:
+        return check_pixel_intrinsics([float(v) for v in text.split(",")])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (FX,FY,CX,CY in pixels)") from None
 
 
 def _output_paths(args: argparse.Namespace) -> None:
@@ -139,6 +150,8 @@ def _validate(args: argparse.Namespace) -> None:
     if args.preview is not None and args.preview.suffix.lower() not in (".png", ".mp4"):
         raise UsageError(f"--preview must end in .png or .mp4, got {args.preview}")
     _output_paths(args)
+    if args.intrinsics is not None and not args.force_projection:
+        raise UsageError("--intrinsics replace the focal of the projection step: they need --force-projection")
     from daemon.weights.tiny import missing_parts
 
     need = {f"unet_{args.variant}", "point_map_vae", "vae", "image_encoder", "feature_extractor", "scheduler",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from daemon.intrinsics import normalise_pixel_intrinsics
 from daemon.model.downsample import downsample_frames, downsampled_size, quantize_frames, upsample_output
 from daemon.offline.ply import write_ply_sequence
 
@@ -88,6 +89,16 @@ def write_png_depth(folder: Path, depth: np.ndarray, mask: np.ndarray) -> list[P
     return paths
 
 
+def known_intrinsics(args: argparse.Namespace, height: int, width: int) -> tuple[float, ...] | None:
+    """``--intrinsics`` (pixels of the decoded video) -> the normalised form, checked against its size."""
+    if getattr(args, "intrinsics", None) is None:
+        return None
+    try:
+        return normalise_pixel_intrinsics(args.intrinsics, height, width)
+    except ValueError as exc:
+        raise UsageError(f"--intrinsics: {exc}") from exc
+
+
 def process_file(args: argparse.Namespace) -> int:
     """Decode ``args.video``, run priors and GeometryCrafter, write ``args.out`` (+ PNG depth / preview)."""
     from daemon.video import VideoError, read_frames
@@ -107,6 +118,7 @@ def process_file(args: argparse.Namespace) -> int:
         raise UsageError(f"source size {w0}x{h0} must be even in both dimensions")
     if not 0.5 <= width / height <= 2.0:
         raise UsageError(f"processing aspect ratio {width}x{height} is outside [0.5, 2]")
+    intrinsics = known_intrinsics(args, h0, w0)
     source = frames
     if args.downsample_ratio > 1.0:  # run.py: after choosing the processing size, before the pipeline
         hs, ws = downsampled_size(h0, w0, args.downsample_ratio)
@@ -136,7 +148,8 @@ def process_file(args: argparse.Namespace) -> int:
              num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
              decode_chunk_size=args.decode_chunk, force_projection=args.force_projection,
              force_fixed_focal=args.force_fixed_focal, use_extract_interp=args.use_extract_interp,
-             track_time=args.track_time, low_memory_usage=args.low_memory, seed=args.seed)
+             track_time=args.track_time, low_memory_usage=args.low_memory, seed=args.seed,
+             intrinsics=intrinsics)
     timings.update(out.timings)
     if source is not frames:
         out.point_map, out.mask = upsample_output(out.point_map, out.mask, (h0, w0))

@@ -13,7 +13,7 @@ request is answered by ``("ok", value)`` or ``("error", "op: Type: message")``):
     ("load",)                                      model load seconds (float)    none at startup; restart_timeout_s
     ("warmup",)                                    warm-up seconds (float)       none at startup; restart_timeout_s
     ("window", source, ring, [(slot, gen, i)..],   [FrameResult, ..] now final   the window deadline
-               first_seq)
+               first_seq, intrinsics|None)
     ("flush", source)                              [FrameResult, ..] held back   the window deadline
     ("detach", ring)                               None                          5 s, then given up (no kill)
     ("ping",)                                      worker's monotonic clock      heartbeat_s (idle only)
@@ -51,7 +51,7 @@ class GeometryError(RuntimeError):
 
 class Session(Protocol):
     def push_window(self, frames: np.ndarray, prior_points: np.ndarray, prior_mask: np.ndarray,
-                    first_frame_index: int) -> list[Any]: ...
+                    first_frame_index: int, intrinsics: tuple[float, ...] | None = None) -> list[Any]: ...
 
     def flush(self) -> list[Any]: ...
 
@@ -123,7 +123,7 @@ class _IdentitySession:
         self._emitted = -1
 
     def push_window(self, frames: np.ndarray, prior_points: np.ndarray, prior_mask: np.ndarray,
-                    first_frame_index: int) -> list[Any]:
+                    first_frame_index: int, intrinsics: tuple[float, ...] | None = None) -> list[Any]:
         from daemon.frames import FrameResult
 
         if self.delay_s:
@@ -135,7 +135,7 @@ class _IdentitySession:
                 continue  # overlap frame already emitted by the previous window
             pts = prior_points[i].astype(np.float32)
             out.append(FrameResult(idx, self._window_id, pts, pts[..., 2].copy(), prior_mask[i].copy(),
-                                   (1.0, 1.0, 0.5, 0.5)))
+                                   intrinsics or (1.0, 1.0, 0.5, 0.5)))
             self._emitted = idx
         self._window_id += 1
         return out
@@ -286,11 +286,12 @@ class GeometryWorker:
             self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="geometry-heartbeat")
         return secs
 
-    async def push_window(self, source: str, ring: Any, refs: list[Any], first_seq: int) -> list[Any]:
+    async def push_window(self, source: str, ring: Any, refs: list[Any], first_seq: int,
+                          intrinsics: tuple[float, ...] | None = None) -> list[Any]:
         """One window; on a fault the worker is restarted and the window retried once, then the fault is
         raised (``GeometryFault``; ``GeometryUnavailable`` when no restart is possible)."""
         wire = [(r.slot, r.generation, r.frame_index) for r in refs]
-        msg = ("window", source, ring.name, wire, first_seq)
+        msg = ("window", source, ring.name, wire, first_seq, intrinsics)
         for attempt in (1, 2):
             try:
                 return await self.request(msg, self.deadline_s)  # type: ignore[no-any-return]
@@ -531,7 +532,7 @@ def _worker_main(conn: Any, spec: ProcessorSpec) -> None:
                 assert processor is not None
                 reply = warm_up(processor, spec.params)
             elif op == "window":
-                _, source, ring_name, wire, first_seq = msg
+                _, source, ring_name, wire, first_seq, intrinsics = msg
                 assert processor is not None
                 ring = rings.get(ring_name)
                 if ring is None:
@@ -545,7 +546,7 @@ def _worker_main(conn: Any, spec: ProcessorSpec) -> None:
                 session = sessions.get(source)
                 if session is None:
                     session = sessions[source] = processor.new_session()
-                reply = session.push_window(frames, points, mask, first_seq)
+                reply = session.push_window(frames, points, mask, first_seq, intrinsics=intrinsics)
             elif op == "flush":
                 session = sessions.pop(msg[1], None)
                 reply = session.flush() if session is not None else []
