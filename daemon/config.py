@@ -132,6 +132,7 @@ class GeometryConfig(_Section, frozen=True, kw_only=True):
     restart_budget: Annotated[int, msgspec.Meta(ge=0)] = 5
     restart_timeout_s: PosSeconds = 900.0
     stop_timeout_s: PosSeconds = 15.0
+    metric: bool = False
 
 
 class PriorConfig(_Section, frozen=True, kw_only=True):
@@ -143,6 +144,7 @@ class PriorConfig(_Section, frozen=True, kw_only=True):
     request_timeout_s: PosSeconds = 300.0
     startup_timeout_s: PosSeconds = 120.0
     restart_budget: Annotated[int, msgspec.Meta(ge=0)] = 5
+    model: Literal["moge1", "moge2"] = "moge1"
 
 
 class MqttConfig(_Section, frozen=True, kw_only=True):
@@ -267,8 +269,14 @@ class Config(_Section, frozen=True, kw_only=True):
     sources: dict[str, Source] = {}
 
     def prior_checkpoint(self) -> Path:
-        """The MoGe checkpoint: ``prior.checkpoint``, or ``<model.dir>/moge/model.pt`` when empty."""
-        return Path(self.prior.checkpoint or Path(self.model.dir) / "moge" / "model.pt")
+        """The MoGe checkpoint: ``prior.checkpoint``, or ``<model.dir>/moge/model.pt`` when empty
+        (``<model.dir>/moge2/model.pt`` for ``prior.model = "moge2"``)."""
+        folder = "moge2" if self.prior.model == "moge2" else "moge"
+        return Path(self.prior.checkpoint or Path(self.model.dir) / folder / "model.pt")
+
+    def moge_version(self) -> int:
+        """The sidecar's ``--moge-version``: 2 for ``prior.model = "moge2"``, else 1."""
+        return 2 if self.prior.model == "moge2" else 1
 
     def prior_python(self) -> str:
         """Interpreter for the sidecar: ``prior.python``, or the daemon's own interpreter when empty."""
@@ -554,6 +562,8 @@ def _check(cfg: Config) -> None:
     if g.overlap >= g.window_size:
         allowed = f"must be < geometry.window_size ({g.window_size})"
         raise ConfigError("geometry.overlap", _fmt(g.overlap), allowed)
+    if g.metric and cfg.prior.model != "moge2":
+        raise ConfigError("geometry.metric", "true", 'needs prior.model = "moge2" (MoGe-1 has no metric scale)')
     m = cfg.mqtt
     if m.reconnect_initial_s > m.reconnect_max_s:
         raise ConfigError(

@@ -48,3 +48,5 @@ class FrameResult:
     mask: np.ndarray  # (H0, W0) bool
     intrinsics: tuple[float, float, float, float]
     prior_scale: float = 1.0  # s the frame's prior was normalised with: depth * prior_scale = prior units
+    units: str = "relative"  # "metric": point map and depth in metres (geometry.metric, a MoGe-2 prior)
+    metric_scale: float = 1.0  # the factor the relative output was multiplied by (1.0 when relative)

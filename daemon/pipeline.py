@@ -45,6 +45,7 @@ import numpy as np
 from daemon.frames import FrameResult
 from daemon.intrinsics import project_known
 from daemon.model import resample
+from daemon.model.metric_scale import MetricScale, window_factor
 from daemon.model.prior_post import PriorStats, compute_stats, prior_to_x4
 from daemon.model.scheduler import EulerKarrasSchedule, load_scheduler_config, schedule_from_config
 from daemon.model.streaming_stats import FrameNorm, PolicyParams, StreamStats, follow_focal
@@ -720,6 +721,7 @@ class StreamingSession:
         low_memory_usage: bool | None = None,
         stats_policy: str = "follow",
         stats_params: PolicyParams | None = None,
+        metric: bool = False,
     ) -> None:
         _check_sizes(height, width, 2, 2, window_size, overlap)
         if low_memory_usage is not None:  # shared by every session of this model
@@ -751,6 +753,8 @@ class StreamingSession:
         self.windows_done = 0
         self._out_size: tuple[int, int] | None = None
         self._intrinsics: tuple[float, ...] | None = None  # known, normalised (the last window's)
+        self.metric = metric  # priors are metric (MoGe-2): scale the output to metres (model/metric_scale.py)
+        self._metric = MetricScale(stats_policy, self.stats_params)
         self._restart()
 
     def _restart(self) -> None:
@@ -763,6 +767,7 @@ class StreamingSession:
         self._latents: np.ndarray | None = None  # (1, n, 4, h, w): not yet decoded frames of the segment
         self._frame_window: list[int] = []  # window id per pending latent frame
         self._frame_norm: list[FrameNorm] = []  # normalisation per pending latent frame
+        self._frame_prior_z: list[np.ndarray] = []  # metric: prior depth per pending frame (NaN = invalid)
         self._base = 0  # frame index of _latents[:, 0]
         self._seg_start = 0  # frame index of the segment start (decode chunk alignment)
         self._next_first: int | None = None  # expected first_frame_index of the next window
@@ -814,6 +819,9 @@ class StreamingSession:
                      window_id, norms[-1].stats.scale, norms[-1].stats.lo, norms[-1].stats.hi)
         self.stats = norms[-1].stats
         x4 = self._prior_x4(points[reuse:], mask[reuse:], norms)
+        if self.metric:
+            new_z = np.where(mask[reuse:], points[reuse:, ..., 2], np.float32(np.nan)).astype(np.float32)
+            self._frame_prior_z += list(new_z)
         self._time("prior", t0)
 
         t0 = time.perf_counter()
@@ -932,6 +940,14 @@ class StreamingSession:
             intr = np.tile(np.asarray(self._intrinsics, np.float64), (n_final, 1))
         else:
             intr = normalised_intrinsics(fxs, fys, h0, w0)
+        factor = None
+        if self.metric:
+            raw = window_factor(np.stack(self._frame_prior_z[:n_final]), depth, maps.valid)
+            factor = self._metric.update(raw, self._frame_norm[0].segment)
+            if factor is not None:
+                points *= np.float32(factor)
+                depth = depth * np.float32(factor)
+            self._frame_prior_z = self._frame_prior_z[n_final:]
         results = [
             FrameResult(
                 frame_index=self._base + i,
@@ -941,6 +957,8 @@ class StreamingSession:
                 mask=maps.valid[i],
                 intrinsics=tuple(float(v) for v in intr[i]),  # type: ignore[arg-type]
                 prior_scale=float(self._frame_norm[i].stats.scale),
+                units="relative" if factor is None else "metric",
+                metric_scale=1.0 if factor is None else float(np.float32(factor)),
             )
             for i in range(n_final)
         ]

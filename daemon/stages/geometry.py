@@ -78,6 +78,7 @@ class SessionParams:
     stats_smoothing: float = 0.5
     stats_max_step: float = 0.4
     cut_threshold: float = 0.4
+    metric: bool = False  # geometry.metric: output in metres from the (MoGe-2) prior's metric depth
 
     @classmethod
     def from_config(cls, g: Any, streaming: Any = None) -> "SessionParams":
@@ -85,7 +86,8 @@ class SessionParams:
             "stats_policy": streaming.stats, "stats_smoothing": streaming.stats_smoothing,
             "stats_max_step": streaming.stats_max_step, "cut_threshold": streaming.cut_threshold}
         return cls(g.height, g.width, g.window_size, g.overlap, g.steps, g.decode_chunk_size,
-                   g.force_projection, g.force_fixed_focal, g.use_extract_interp, g.seed, **st)
+                   g.force_projection, g.force_fixed_focal, g.use_extract_interp, g.seed, **st,
+                   metric=bool(getattr(g, "metric", False)))
 
 
 class PipelineGeometry:
@@ -113,6 +115,7 @@ class PipelineGeometry:
             use_extract_interp=p.use_extract_interp, seed=p.seed, low_memory_usage=self.low_memory,
             stats_policy=p.stats_policy,
             stats_params=PolicyParams(p.stats_smoothing, p.stats_max_step, p.cut_threshold),
+            metric=p.metric,
         )
 
 
