@@ -111,3 +111,71 @@ def make_frames(n: int) -> np.ndarray:
     from daemon_fixtures import synthetic_frames
 
     return synthetic_frames(n, 64, 128, seed=1)
+
+
+def _daemon_run(tmp: Path, model: Path, ckpt: Path, clip: Path, metric: bool, daemon_procs: list,
+                n: int) -> tuple[dict, list]:
+    tmp.mkdir()
+    with Mosquitto(tmp / "mq") as broker:
+        sub = Subscriber(broker.port, prefix="m")
+        try:
+            sections = base_sections(model, mqtt_port=broker.port, files_dir=tmp / "out",
+                                     mqtt={"topic_prefix": "m"}, geometry={"metric": metric},
+                                     prior={"model": "moge2", "checkpoint": str(ckpt)})
+            cfg = write_config(tmp / "cfg.toml", sections,
+                               {"cam": {"type": "file", "path": str(clip), "preview": False}})
+            d = DaemonProcess(cfg, tmp)
+            daemon_procs.append(d)
+            assert d.wait(900) == 0, d.log_text()[-4000:]
+            assert sub.wait_count(n, 10), (len(sub.frames), d.log_text()[-3000:])
+        finally:
+            sub.close()
+    assert assert_balanced(d.summary(), "cam")["frames_out"] == n
+    ref = np.load(tmp / "out" / "cam" / "clip.npz")
+    order = np.argsort(ref["frame_index"])
+    arrays = {k: ref[k][order] for k in ("depth", "mask", "point_map")}
+    return arrays, sorted(sub.frames, key=lambda f: f.frame_index)
+
+
+def test_daemon_metric_output(tiny_model: Path, moge2: Path, tmp_path: Path, daemon_procs: list) -> None:
+    """The same clip through the daemon with MoGe-2 priors, relative then metric: units on every message,
+    metric depth = relative depth x the published factor, and that factor is the median ratio of the prior's
+    metric depth to the relative depth on the valid pixels of each window's frames (the first window anchors
+    it; each later one follows the streaming continuity rule)."""
+    from daemon.stages.ingest_file import decode_container
+
+    n = 16
+    clip = make_clip(tmp_path / "clip.mp4", n)
+    rel, rel_msgs = _daemon_run(tmp_path / "rel", tiny_model, moge2, clip, False, daemon_procs, n)
+    met, met_msgs = _daemon_run(tmp_path / "met", tiny_model, moge2, clip, True, daemon_procs, n)
+    for f in rel_msgs:
+        assert {f.properties[k]["units"] for k in ("depth", "points")} == {"relative"}
+        assert f.properties["depth"]["metric_scale"] == "1.0"
+    factors = []
+    for f in met_msgs:
+        assert {f.properties[k]["units"] for k in ("depth", "points")} == {"metric"}
+        factors.append(float(f.properties["depth"]["metric_scale"]))
+    factors = np.asarray(factors)
+    np.testing.assert_array_equal(met["mask"], rel["mask"])
+    want = rel["depth"] * factors.astype(np.float32)[:, None, None]
+    np.testing.assert_allclose(met["depth"], want, rtol=1e-6)
+    assert not np.allclose(factors, 1.0, rtol=0.05)  # the tiny MoGe-2 predicts ~3x its relative depth
+
+    import av
+
+    with av.open(str(clip)) as container:
+        frames = np.stack([img for img, _, _ in decode_container(container, 64, 128)])
+    points, pmask = run_priors(frames, moge2, device="cpu", resolution_level=0, moge_version=2, chunk=2)
+    prior_z = np.where(pmask, points[..., 2], np.nan)
+    # groups of frames made final together share a factor; recompute each group's raw factor from the priors
+    starts = [0] + [i for i in range(1, n) if factors[i] != factors[i - 1]]
+    assert len(starts) >= 3, factors
+    prev = None
+    params = PolicyParams()
+    for s, e in zip(starts, starts[1:] + [n]):
+        raw = window_factor(prior_z[s:e], rel["depth"][s:e], rel["mask"][s:e])
+        assert raw is not None
+        got = factors[s]
+        expect = [raw] if prev is None else [follow_factor(prev, raw, params), raw]  # raw: a re-anchor (cut)
+        assert any(got == pytest.approx(x, rel=1e-4) for x in expect), (s, e, got, expect, factors)
+        prev = got
