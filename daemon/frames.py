@@ -38,7 +38,8 @@ class FrameResult:
     """One final output frame of a stream (interfaces.md "Pipeline").
 
     ``intrinsics`` = (fx, fy, cx, cy) normalised by the output width/height with pixel centres at
-    ``(u + 0.5) / W``: ``u_n = cx + fx * X / Z``, ``v_n = cy + fy * Y / Z`` (cx = cy = 0.5).
+    ``(u + 0.5) / W``: ``u_n = cx + fx * X / Z``, ``v_n = cy + fy * Y / Z`` (cx = cy = 0.5 when estimated;
+    a source's known intrinsics are converted to this form by :mod:`daemon.intrinsics`).
     """
 
     frame_index: int

@@ -167,3 +167,20 @@ def test_daemon_publishes_known_intrinsics(tiny_model: Path, tmp_path: Path, dae
         ry = np.broadcast_to((vn - cy) / fy, m.shape)
         np.testing.assert_allclose(f.points[..., 0][m] / f.points[..., 2][m], rx[m], rtol=2**-10, atol=1e-4)
         np.testing.assert_allclose(f.points[..., 1][m] / f.points[..., 2][m], ry[m], rtol=2**-10, atol=1e-4)
+
+
+def test_daemon_source_fails_on_intrinsics_outside_the_frame(tiny_model: Path, tmp_path: Path,
+                                                             daemon_procs: list) -> None:
+    """cx beyond the decoded width (known only once a frame is decoded): the source fails with a message
+    naming the intrinsics, no frame is admitted, the counters balance."""
+    clip = make_clip(tmp_path / "clip.mp4", 4)
+    cfg = write_config(tmp_path / "cfg.toml", base_sections(tiny_model),
+                       {"cam": {"type": "file", "path": str(clip), "preview": False}})
+    with open(cfg, "a") as f:
+        f.write("intrinsics = [100.0, 100.0, 128.0, 30.0]\n")  # the clip is 128 wide: cx must be < 128
+    d = DaemonProcess(cfg, tmp_path)
+    daemon_procs.append(d)
+    assert d.wait(600) == 1, d.log_text()[-4000:]
+    cam = assert_balanced(d.summary(), "cam")
+    assert cam["state"] == "failed" and cam["frames_in"] == 0
+    assert "cx=128.0 must be < the source width 128" in cam["error"]
