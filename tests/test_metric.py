@@ -8,12 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from daemon.config import ConfigError, parse_config
-from daemon.model.metric_scale import MetricScale, follow_factor, window_factor
-from daemon.model.streaming_stats import PolicyParams
-from daemon.stages.prior import run_priors
-from daemon.weights import pull
 from daemon_fixtures import (
     DaemonProcess,
     Subscriber,
@@ -24,8 +18,14 @@ from daemon_fixtures import (
     tiny_model,  # noqa: F401 (fixture)
     write_config,
 )
-from moge_sidecar.tiny import make_tiny_moge2
 from mosquitto import Mosquitto
+
+from daemon.config import ConfigError, parse_config
+from daemon.model.metric_scale import MetricScale, follow_factor, window_factor
+from daemon.model.streaming_stats import PolicyParams
+from daemon.stages.prior import run_priors
+from daemon.weights import pull
+from moge_sidecar.tiny import make_tiny_moge2
 
 REPO = Path(__file__).resolve().parents[1]
 

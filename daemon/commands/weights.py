@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 import argparse
 import sys
+from pathlib import Path
 
-from daemon.weights.pull import DEFAULT_REVISIONS, PRIORS, PullError, VARIANTS, parse_revisions, pull, pull_plan
+from daemon.weights.pull import (
+    DEFAULT_REVISIONS,
+    PRIORS,
+    VARIANTS,
+    PullError,
+    parse_revisions,
+    pull,
+    pull_plan,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
