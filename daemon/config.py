@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import msgspec
 import msgspec.inspect as mi
 
+from daemon.intrinsics import check_pixel_intrinsics
 from daemon.redact import redact_value, scrub
 
 __all__ = [
@@ -134,6 +135,7 @@ class GeometryConfig(_Section, frozen=True, kw_only=True):
     restart_budget: Annotated[int, msgspec.Meta(ge=0)] = 5
     restart_timeout_s: PosSeconds = 900.0
     stop_timeout_s: PosSeconds = 15.0
+    metric: bool = False
 
 
 class PriorConfig(_Section, frozen=True, kw_only=True):
@@ -145,6 +147,7 @@ class PriorConfig(_Section, frozen=True, kw_only=True):
     request_timeout_s: PosSeconds = 300.0
     startup_timeout_s: PosSeconds = 120.0
     restart_budget: Annotated[int, msgspec.Meta(ge=0)] = 5
+    model: Literal["moge1", "moge2"] = "moge1"
 
 
 class MqttConfig(_Section, frozen=True, kw_only=True):
@@ -247,9 +250,10 @@ class ClusterConfig(_Section, frozen=True, kw_only=True):
 
 # Keys each source type may set (besides `type`); the others keep their defaults.
 SOURCE_TYPE_KEYS: dict[str, tuple[str, ...]] = {
-    "file": ("path", "loop", "realtime", "preview"),
-    "rtsp": ("url", "open_timeout_s", "stall_timeout_s", "reconnect_initial_s", "reconnect_max_s", "preview"),
-    "webrtc": ("preview",),
+    "file": ("path", "loop", "realtime", "preview", "intrinsics"),
+    "rtsp": ("url", "open_timeout_s", "stall_timeout_s", "reconnect_initial_s", "reconnect_max_s", "preview",
+             "intrinsics"),
+    "webrtc": ("preview", "intrinsics"),
 }
 
 
@@ -269,6 +273,8 @@ class Source(_Section, frozen=True, kw_only=True):
     reconnect_max_s: PosSeconds = 30.0
     # every type
     preview: bool = True
+    # [fx, fy, cx, cy] in pixels of the source's decoded size (daemon/model/intrinsics.py); absent: estimated
+    intrinsics: Annotated[list[float], msgspec.Meta(min_length=4, max_length=4)] | None = None
 
 
 class Config(_Section, frozen=True, kw_only=True):
@@ -288,8 +294,14 @@ class Config(_Section, frozen=True, kw_only=True):
     sources: dict[str, Source] = {}
 
     def prior_checkpoint(self) -> Path:
-        """The MoGe checkpoint: ``prior.checkpoint``, or ``<model.dir>/moge/model.pt`` when empty."""
-        return Path(self.prior.checkpoint or Path(self.model.dir) / "moge" / "model.pt")
+        """The MoGe checkpoint: ``prior.checkpoint``, or ``<model.dir>/moge/model.pt`` when empty
+        (``<model.dir>/moge2/model.pt`` for ``prior.model = "moge2"``)."""
+        folder = "moge2" if self.prior.model == "moge2" else "moge"
+        return Path(self.prior.checkpoint or Path(self.model.dir) / folder / "model.pt")
+
+    def moge_version(self) -> int:
+        """The sidecar's ``--moge-version``: 2 for ``prior.model = "moge2"``, else 1."""
+        return 2 if self.prior.model == "moge2" else 1
 
     def prior_python(self) -> str:
         """Interpreter for the sidecar: ``prior.python``, or the daemon's own interpreter when empty."""
@@ -324,7 +336,7 @@ def to_toml(cfg: Config) -> str:
     for name, src in sources.items():
         lines.append(f"[sources.{name}]")
         keys = ("type", *SOURCE_TYPE_KEYS[src["type"]])
-        lines += [f"{k} = {_toml_value(src[k])}" for k in keys]
+        lines += [f"{k} = {_toml_value(src[k])}" for k in keys if src[k] is not None]
         lines.append("")
     return "\n".join(lines)
 
@@ -492,6 +504,10 @@ def _describe(info: Any) -> str:
         return "a string"
     if isinstance(info, (mi.StructType, mi.DictType)):
         return "a table"
+    if isinstance(info, mi.UnionType):  # `X | None` keys: the TOML file can only give X
+        return " or ".join(_describe(t) for t in info.types if not isinstance(t, mi.NoneType))
+    if isinstance(info, mi.ListType) and info.min_length is not None and info.min_length == info.max_length:
+        return f"an array of {info.min_length} {'numbers' if isinstance(info.item_type, mi.FloatType) else 'items'}"
     return "a valid value"
 
 
@@ -572,6 +588,8 @@ def _check(cfg: Config) -> None:
     if g.overlap >= g.window_size:
         allowed = f"must be < geometry.window_size ({g.window_size})"
         raise ConfigError("geometry.overlap", _fmt(g.overlap), allowed)
+    if g.metric and cfg.prior.model != "moge2":
+        raise ConfigError("geometry.metric", "true", 'needs prior.model = "moge2" (MoGe-1 has no metric scale)')
     m = cfg.mqtt
     if m.reconnect_initial_s > m.reconnect_max_s:
         raise ConfigError(
@@ -607,6 +625,14 @@ def _check(cfg: Config) -> None:
                 _fmt(src.reconnect_initial_s),
                 f"must be <= {key}.reconnect_max_s ({src.reconnect_max_s})",
             )
+        if src.intrinsics is not None:
+            try:
+                check_pixel_intrinsics(src.intrinsics)
+            except ValueError as exc:
+                raise ConfigError(f"{key}.intrinsics", _fmt(src.intrinsics), str(exc)) from None
+            if not g.force_projection:
+                raise ConfigError("geometry.force_projection", "false", f"true: {key}.intrinsics replace the "
+                                  "focal of the projection step")
         if src.type == "webrtc" and not h.enabled:
             allowed = f"true: webrtc source {name} needs the HTTP server (WHIP endpoint)"
             raise ConfigError("http.enabled", "false", allowed)

@@ -19,6 +19,7 @@ class IngestFrame:
     image: np.ndarray  # (H, W, 3) uint8 RGB at the processing size
     pts: float  # seconds on the source's timeline (continues across loops/reconnects)
     t_ingest: float  # time.monotonic() when the frame was decoded (end-to-end latency origin)
+    source_size: tuple[int, int] = (0, 0)  # (H, W) as decoded, before the resize (0, 0: unknown)
 
 
 @dataclass
@@ -37,7 +38,8 @@ class FrameResult:
     """One final output frame of a stream (what ``StreamingSession`` returns, daemon/pipeline.py).
 
     ``intrinsics`` = (fx, fy, cx, cy) normalised by the output width/height with pixel centres at
-    ``(u + 0.5) / W``: ``u_n = cx + fx * X / Z``, ``v_n = cy + fy * Y / Z`` (cx = cy = 0.5).
+    ``(u + 0.5) / W``: ``u_n = cx + fx * X / Z``, ``v_n = cy + fy * Y / Z`` (cx = cy = 0.5 when estimated;
+    a source's known intrinsics are converted to this form by :mod:`daemon.intrinsics`).
     """
 
     frame_index: int
@@ -47,3 +49,5 @@ class FrameResult:
     mask: np.ndarray  # (H0, W0) bool
     intrinsics: tuple[float, float, float, float]
     prior_scale: float = 1.0  # s the frame's prior was normalised with: depth * prior_scale = prior units
+    units: str = "relative"  # "metric": point map and depth in metres (geometry.metric, a MoGe-2 prior)
+    metric_scale: float = 1.0  # the factor the relative output was multiplied by (1.0 when relative)

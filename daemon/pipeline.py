@@ -34,6 +34,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +42,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from daemon.model import resample
-from daemon.model.scheduler import EulerKarrasSchedule, load_scheduler_config, schedule_from_config
-from daemon.model.prior_post import PriorStats, compute_stats, prior_to_x4
-from daemon.model.streaming_stats import FrameNorm, PolicyParams, StreamStats, follow_focal
 from daemon.frames import FrameResult
+from daemon.intrinsics import project_known
+from daemon.model import resample
+from daemon.model.metric_scale import MetricScale, window_factor
+from daemon.model.prior_post import PriorStats, compute_stats, prior_to_x4
+from daemon.model.scheduler import EulerKarrasSchedule, load_scheduler_config, schedule_from_config
+from daemon.model.streaming_stats import FrameNorm, PolicyParams, StreamStats, follow_focal
 
 log = logging.getLogger(__name__)
 
@@ -596,6 +599,7 @@ class GeometryCrafter:
         seed: int = 42,
         nan_guard: bool = False,
         quiet: bool = False,
+        intrinsics: Sequence[float] | None = None,
     ) -> GeometryOutput:
         """Whole-clip inference with upstream semantics. frames (T,H0,W0,3) uint8 (or float [0,1]),
         prior_points (T,H0,W0,3) f32, prior_mask (T,H0,W0) bool -> :class:`GeometryOutput`.
@@ -603,7 +607,9 @@ class GeometryCrafter:
         Keywords are upstream's (``GeometryCrafterDiffPipeline.__call__``); ``noise`` is upstream's
         ``latents`` (initial noise, scaled by init_noise_sigma here), ``guidance_scale`` and
         ``num_inference_steps`` are ignored by the determ variant as upstream does. ``track_time`` prints
-        the elapsed time per stage to stdout."""
+        the elapsed time per stage to stdout. ``intrinsics``: known camera intrinsics, normalised as
+        ``FrameResult.intrinsics``; they replace the estimated focal of the projection step
+        (:func:`daemon.intrinsics.project_known`) and are returned as given."""
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[0] == 0:
             raise ValueError(f"frames must be a non-empty (T, H, W, 3) array, got shape {frames.shape}")
@@ -660,7 +666,10 @@ class GeometryCrafter:
         with stages.stage("post", t):
             maps = decode_post(a, dl, vl, (h0, w0), use_extract_interp)
             del a, dl, vl
-            if force_projection:
+            if intrinsics is not None:
+                points, depth = project_known(maps.log_depth, intrinsics)
+                intr = np.tile(np.asarray(intrinsics, np.float32), (t, 1))
+            elif force_projection:
                 fx, fy = projected_focal(maps, per_frame=not force_fixed_focal)
                 points, depth = points_from_maps(maps, fx, fy)
                 fxs = np.broadcast_to(fx, (t,)) if fx.ndim == 0 else fx
@@ -668,7 +677,8 @@ class GeometryCrafter:
             else:
                 points, depth = points_from_maps(maps, maps.fx, maps.fy)
                 fxs, fys = projected_focal(maps, per_frame=True)
-            intr = normalised_intrinsics(fxs, fys, h0, w0)
+            if intrinsics is None:
+                intr = normalised_intrinsics(fxs, fys, h0, w0)
         if low_memory_usage:
             _release_device_memory()
         if track_time:
@@ -711,6 +721,7 @@ class StreamingSession:
         low_memory_usage: bool | None = None,
         stats_policy: str = "follow",
         stats_params: PolicyParams | None = None,
+        metric: bool = False,
     ) -> None:
         _check_sizes(height, width, 2, 2, window_size, overlap)
         if low_memory_usage is not None:  # shared by every session of this model
@@ -741,6 +752,9 @@ class StreamingSession:
         self.timings: dict[str, float] = {}
         self.windows_done = 0
         self._out_size: tuple[int, int] | None = None
+        self._intrinsics: tuple[float, ...] | None = None  # known, normalised (the last window's)
+        self.metric = metric  # priors are metric (MoGe-2): scale the output to metres (model/metric_scale.py)
+        self._metric = MetricScale(stats_policy, self.stats_params)
         self._restart()
 
     def _restart(self) -> None:
@@ -753,6 +767,7 @@ class StreamingSession:
         self._latents: np.ndarray | None = None  # (1, n, 4, h, w): not yet decoded frames of the segment
         self._frame_window: list[int] = []  # window id per pending latent frame
         self._frame_norm: list[FrameNorm] = []  # normalisation per pending latent frame
+        self._frame_prior_z: list[np.ndarray] = []  # metric: prior depth per pending frame (NaN = invalid)
         self._base = 0  # frame index of _latents[:, 0]
         self._seg_start = 0  # frame index of the segment start (decode chunk alignment)
         self._next_first: int | None = None  # expected first_frame_index of the next window
@@ -762,9 +777,13 @@ class StreamingSession:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
     def push_window(
-        self, frames: np.ndarray, prior_points: np.ndarray, prior_mask: np.ndarray, first_frame_index: int
+        self, frames: np.ndarray, prior_points: np.ndarray, prior_mask: np.ndarray, first_frame_index: int,
+        intrinsics: Sequence[float] | None = None,
     ) -> list[FrameResult]:
-        """Process one window; returns results for the frames that became final (in frame order)."""
+        """Process one window; returns results for the frames that became final (in frame order).
+
+        ``intrinsics``: the source's known intrinsics, normalised as ``FrameResult.intrinsics``; the frames
+        emitted from now on are projected with them instead of an estimated focal."""
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[0] == 0:
             raise ValueError(f"frames must be a non-empty (F, H, W, 3) array, got shape {frames.shape}")
@@ -776,6 +795,7 @@ class StreamingSession:
         if self._out_size is not None and self._out_size != (h0, w0):
             raise ValueError(f"frame size changed from {self._out_size} to {(h0, w0)} within a session")
         self._out_size = (h0, w0)
+        self._intrinsics = None if intrinsics is None else tuple(float(v) for v in intrinsics)
         results: list[FrameResult] = []
         if self._next_first is not None and first_frame_index != self._next_first:
             log.warning("window at frame %d does not continue the stream (expected %d): restarting stitching",
@@ -799,6 +819,9 @@ class StreamingSession:
                      window_id, norms[-1].stats.scale, norms[-1].stats.lo, norms[-1].stats.hi)
         self.stats = norms[-1].stats
         x4 = self._prior_x4(points[reuse:], mask[reuse:], norms)
+        if self.metric:
+            new_z = np.where(mask[reuse:], points[reuse:, ..., 2], np.float32(np.nan)).astype(np.float32)
+            self._frame_prior_z += list(new_z)
         self._time("prior", t0)
 
         t0 = time.perf_counter()
@@ -901,7 +924,9 @@ class StreamingSession:
         t0 = time.perf_counter()
         h0, w0 = self._out_size
         maps = decode_post(a, dl, vl, (h0, w0), self.use_extract_interp)
-        if self.force_projection:
+        if self._intrinsics is not None:
+            points, depth = project_known(maps.log_depth, self._intrinsics)
+        elif self.force_projection:
             if self.force_fixed_focal:
                 fxs, fys = self._fixed_focal(maps, n_final)
                 fx, fy = (fxs[0], fys[0]) if self.stats_policy == "frozen" else (fxs, fys)
@@ -911,7 +936,18 @@ class StreamingSession:
         else:
             points, depth = points_from_maps(maps, maps.fx, maps.fy)
             fxs, fys = projected_focal(maps, per_frame=True)
-        intr = normalised_intrinsics(fxs, fys, h0, w0)
+        if self._intrinsics is not None:
+            intr = np.tile(np.asarray(self._intrinsics, np.float64), (n_final, 1))
+        else:
+            intr = normalised_intrinsics(fxs, fys, h0, w0)
+        factor = None
+        if self.metric:
+            raw = window_factor(np.stack(self._frame_prior_z[:n_final]), depth, maps.valid)
+            factor = self._metric.update(raw, self._frame_norm[0].segment)
+            if factor is not None:
+                points *= np.float32(factor)
+                depth = depth * np.float32(factor)
+            self._frame_prior_z = self._frame_prior_z[n_final:]
         results = [
             FrameResult(
                 frame_index=self._base + i,
@@ -921,6 +957,8 @@ class StreamingSession:
                 mask=maps.valid[i],
                 intrinsics=tuple(float(v) for v in intr[i]),  # type: ignore[arg-type]
                 prior_scale=float(self._frame_norm[i].stats.scale),
+                units="relative" if factor is None else "metric",
+                metric_scale=1.0 if factor is None else float(np.float32(factor)),
             )
             for i in range(n_final)
         ]

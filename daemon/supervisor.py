@@ -196,8 +196,8 @@ class Daemon:
         ckpt = self.cfg.prior_checkpoint()
         lg = self.cfg.logging
         self.sidecar = PriorSidecar(self.cfg.prior, ckpt, log_level=lg.level,  # interpreter: prior.python or ours
-                                    log_format=lg.format)
-        log.info("starting prior sidecar", extra={"checkpoint": str(ckpt)})
+                                    log_format=lg.format, moge_version=self.cfg.moge_version())
+        log.info("starting prior sidecar", extra={"checkpoint": str(ckpt), "model": self.cfg.prior.model})
         await self.sidecar.start()
         stack.push_async_callback(self._stop_sidecar)
 

@@ -121,3 +121,64 @@ def make_tiny_moge(path: Path, seed: int = 0, kind: str = "tiny") -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"model_config": config, "model": model.state_dict()}, str(tmp))
     tmp.replace(path)
+
+
+# MoGe-2 (dlr-moge `moge.model.v2`): the structure of the official v2 config (configs/train/v2.json of
+# microsoft/MoGe, as in Ruicheng/moge-2-vitl-normal: encoder + neck + points/normal/mask heads + the metric
+# scale MLP on the class token), narrowed to the tiny 64-wide backbone. Norms are "none" as in the official
+# config, so channel counts need not be multiples of 32.
+def _v2_stack(dim_in: list[int], dim_out: list[int | None], num_res_blocks: list[int]) -> dict[str, Any]:
+    return {"dim_in": dim_in, "dim_out": dim_out, "dim_res_blocks": [64, 32, 32, 32, 32],
+            "num_res_blocks": num_res_blocks, "res_block_in_norm": "none", "res_block_hidden_norm": "none",
+            "resamplers": ["conv_transpose", "conv_transpose", "conv_transpose", "bilinear"]}
+
+
+TINY_MOGE2_CONFIG: dict[str, Any] = {
+    "encoder": {"backbone": TINY_ENCODER, "intermediate_layers": [0, 1, 2, 3], "dim_out": 64},
+    "neck": _v2_stack([66, 2, 2, 2, 2], None, [0, 1, 1, 1, 0]),  # type: ignore[arg-type]
+    "points_head": _v2_stack([64, 32, 32, 32, 32], [None, None, None, None, 3], [0, 1, 1, 1, 0]),
+    "normal_head": _v2_stack([64, 32, 32, 32, 32], [None, None, None, None, 3], [0, 1, 1, 1, 0]),
+    "mask_head": _v2_stack([64, 32, 32, 32, 32], [None, None, None, None, 1], [0, 1, 1, 1, 0]),
+    "scale_head": {"dims": [64, 64, 1]},
+    "remap_output": "exp",
+    "num_tokens_range": [16, 36],
+}
+
+
+def make_tiny_moge2(path: Path, seed: int = 0, metric_scale: float = 3.0) -> None:
+    """Write a random-weight MoGe-2 `model.pt` ({'model_config', 'model'}, the official v2 layout) to `path`.
+
+    The scale head's output bias is set so that its metric scale is about ``metric_scale`` (a random head
+    gives ~1, which would make a metric test unable to tell scaled from unscaled output); the mask head's
+    bias is shifted so that about half the pixels of an image are valid (sigmoid > 0.5)."""
+    import math
+    import warnings
+
+    import torch
+    from moge.model.v2 import MoGeModel
+
+    register_tiny_backbone()
+    torch.manual_seed(seed)
+    config = json_copy(TINY_MOGE2_CONFIG)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The following deprecated/invalid arguments are ignored")
+        model = MoGeModel(**json_copy(config)).eval()
+    with torch.no_grad():
+        last = model.scale_head[-1]
+        last.weight.mul_(0.01)
+        last.bias.fill_(math.log(metric_scale))
+        image = torch.rand((1, 3, 56, 84), generator=torch.Generator().manual_seed(seed + 1))
+        m = model.forward(image, num_tokens=24)["mask"].clamp(1e-6, 1 - 1e-6)
+        model.mask_head.output_blocks[-1].bias.sub_(torch.logit(m).median())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model_config": config, "model": model.state_dict()}, str(tmp))
+    tmp.replace(path)
+
+
+def json_copy(data: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of a JSON-like config (MoGe's constructors keep references to the lists they get)."""
+    import json
+
+    return json.loads(json.dumps(data))

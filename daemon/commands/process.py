@@ -5,7 +5,8 @@ Stages: decode (PyAV) -> MoGe priors through the real sidecar process (``daemon.
 ``mask`` bool (T,H,W) (upstream-compatible), optionally a 16-bit PNG depth sequence (the png16 encoding of
 ``daemon.wire.encoding``: inverse depth quantised, 0 = invalid, scale/offset in the PNG's tEXt chunks) and a
 colourised disparity preview (PNG montage or MP4). ``--out OUT.mcap`` writes the daemon's MCAP channels instead
-of the npz (daemon/stages/publish_mcap.py). Exit codes: 0 ok, 2 bad arguments/inputs, 1 failure.
+of the npz (daemon/stages/publish_mcap.py); ``--format ply`` writes one binary PLY per frame
+(daemon.offline.ply). Exit codes: 0 ok, 2 bad arguments/inputs, 1 failure.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from daemon.intrinsics import check_pixel_intrinsics
 from daemon.offline.process import UsageError, process_file
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="model folder (merged official layout; replaces run.py --cache_dir and the hub)")
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", type=Path, help="output .npz (point_map float16, mask bool) or .mcap (the "
-                     "daemon's Foxglove channels: depth, colour, points, calibration; docs/foxglove.md)")
+                     "daemon's Foxglove channels: depth, colour, points, calibration; docs/foxglove.md); "
+                     "with --format ply: a folder")
     out.add_argument("--save-folder", type=Path, default=None, metavar="DIR",
                      help="write DIR/<video name>.npz as run.py does")
     # run.py's options under its names (dashes for underscores); the short names are aliases
@@ -79,7 +82,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also write 16-bit PNG depth frames")
     p.add_argument("--preview", type=Path, default=None, metavar="PNG|MP4",
                    help="colourised disparity preview")
+    p.add_argument("--intrinsics", type=_intrinsics, default=None, metavar="FX,FY,CX,CY",
+                   help="known camera intrinsics in pixels of the video's size (OpenCV convention); they "
+                        "replace the estimated focal in the projection step")
+    p.add_argument("--format", dest="formats", type=_formats, default=("npz",), metavar="npz|ply|npz,ply",
+                   help="output formats: npz (default) and/or ply (one binary PLY per frame, xyz + rgb, "
+                        "valid points only, in the --out folder; npz then goes to OUT/<video name>.npz)")
     p.set_defaults(func=run)
+
+
+FORMATS = ("npz", "ply")
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    bad = [n for n in names if n not in FORMATS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"formats are npz, ply or npz,ply; got {text!r}")
+    return names
+
+
+def _intrinsics(text: str) -> tuple[float, ...]:
+    try:
+        return check_pixel_intrinsics([float(v) for v in text.split(",")])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (FX,FY,CX,CY in pixels)") from None
+
+
+def _output_paths(args: argparse.Namespace) -> None:
+    """args.out (the .npz or None) and args.ply_dir (the PLY folder or None) from --out/--save-folder/--format."""
+    args.ply_dir = None
+    if "ply" in args.formats:
+        folder = args.out if args.out is not None else args.save_folder
+        if folder.suffix == ".npz":
+            raise UsageError(f"--format ply writes a folder of .ply files: give --out DIR, got {folder}")
+        args.ply_dir = folder
+        args.out = folder / f"{args.video.name.split('.')[0]}.npz" if "npz" in args.formats else None
+        return
+    if args.out is None:
+        args.out = args.save_folder / f"{args.video.name.split('.')[0]}.npz"  # run.py's file name
+    if args.out.suffix not in (".npz", ".mcap"):
+        raise UsageError(f"--out must end in .npz or .mcap, got {args.out}")
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -108,10 +151,9 @@ def _validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} must be a positive multiple of 64, got {v}")
     if args.preview is not None and args.preview.suffix.lower() not in (".png", ".mp4"):
         raise UsageError(f"--preview must end in .png or .mp4, got {args.preview}")
-    if args.out is None:
-        args.out = args.save_folder / f"{args.video.name.split('.')[0]}.npz"  # run.py's file name
-    if args.out.suffix not in (".npz", ".mcap"):
-        raise UsageError(f"--out must end in .npz or .mcap, got {args.out}")
+    _output_paths(args)
+    if args.intrinsics is not None and not args.force_projection:
+        raise UsageError("--intrinsics replace the focal of the projection step: they need --force-projection")
     from daemon.weights.tiny import missing_parts
 
     need = {f"unet_{args.variant}", "point_map_vae", "vae", "image_encoder", "feature_extractor", "scheduler",

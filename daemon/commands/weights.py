@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 import argparse
 import sys
+from pathlib import Path
 
-from daemon.weights.pull import DEFAULT_REVISIONS, PullError, VARIANTS, parse_revisions, pull, pull_plan
+from daemon.weights.pull import (
+    DEFAULT_REVISIONS,
+    PRIORS,
+    VARIANTS,
+    PullError,
+    parse_revisions,
+    pull,
+    pull_plan,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         + ", ".join(f"{r}={v[:12]}" for r, v in DEFAULT_REVISIONS.items()),
     )
     p.add_argument("--variant", choices=VARIANTS, default="all", help="which UNet(s) to fetch")
+    p.add_argument("--prior", choices=PRIORS, default="moge1",
+                   help="MoGe-1 (moge/, default), MoGe-2 (moge2/, for prior.model = \"moge2\") or both")
     p.add_argument("--dry-run", action="store_true", help="print the file plan and exit")
     p.set_defaults(func=_cmd_pull)
 
@@ -45,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="check layout and key names, not shapes (a make-tiny folder passes)",
     )
     c.add_argument("--variant", choices=VARIANTS, default="all", help="which UNet(s) are required")
+    c.add_argument("--prior", choices=PRIORS, default="moge1", help="which MoGe checkpoint(s) are required")
     c.set_defaults(func=_cmd_check)
 
     t = sub.add_parser("make-tiny", help="write a tiny random-weight model folder (tests, demo)")
@@ -56,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _cmd_pull(args: argparse.Namespace) -> int:
     try:
-        plan = pull_plan(args.variant, parse_revisions(args.revision))
+        plan = pull_plan(args.variant, parse_revisions(args.revision), getattr(args, "prior", "moge1"))
     except ValueError as exc:
         print(f"weights pull: {exc}", file=sys.stderr)
         return 2
@@ -77,13 +88,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if not args.dir.is_dir():
         print(f"weights check: {args.dir}: no such folder", file=sys.stderr)
         return 1
-    return _report(args.dir, args.structure_only, args.variant)
+    return _report(args.dir, args.structure_only, args.variant, getattr(args, "prior", "moge1"))
 
 
-def _report(root: Path, structure_only: bool, variant: str) -> int:
+def _report(root: Path, structure_only: bool, variant: str, prior: str = "moge1") -> int:
     from daemon.weights.manifest import check_model_dir
 
-    reports = check_model_dir(root, structure_only=structure_only, variant=variant)
+    reports = check_model_dir(root, structure_only=structure_only, variant=variant, prior=prior)
     for r in reports:
         print(r.summary())
         for problem in r.problems:

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 
 from daemon.depth_colour import colourise
+from daemon.intrinsics import normalise_pixel_intrinsics
 from daemon.model.downsample import downsample_frames, downsampled_size, quantize_frames, upsample_output
+from daemon.offline.ply import write_ply_sequence
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,16 @@ def write_mcap(path: Path, source: str, frames: np.ndarray, out: Any, fps: float
     return path
 
 
+def known_intrinsics(args: argparse.Namespace, height: int, width: int) -> tuple[float, ...] | None:
+    """``--intrinsics`` (pixels of the decoded video) -> the normalised form, checked against its size."""
+    if getattr(args, "intrinsics", None) is None:
+        return None
+    try:
+        return normalise_pixel_intrinsics(args.intrinsics, height, width)
+    except ValueError as exc:
+        raise UsageError(f"--intrinsics: {exc}") from exc
+
+
 def process_file(args: argparse.Namespace) -> int:
     """Decode ``args.video``, run priors and GeometryCrafter, write ``args.out`` (+ PNG depth / preview)."""
     from daemon.video import VideoError, read_frames
@@ -124,6 +136,7 @@ def process_file(args: argparse.Namespace) -> int:
         raise UsageError(f"source size {w0}x{h0} must be even in both dimensions")
     if not 0.5 <= width / height <= 2.0:
         raise UsageError(f"processing aspect ratio {width}x{height} is outside [0.5, 2]")
+    intrinsics = known_intrinsics(args, h0, w0)
     source = frames
     if args.downsample_ratio > 1.0:  # run.py: after choosing the processing size, before the pipeline
         hs, ws = downsampled_size(h0, w0, args.downsample_ratio)
@@ -153,24 +166,29 @@ def process_file(args: argparse.Namespace) -> int:
              num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
              decode_chunk_size=args.decode_chunk, force_projection=args.force_projection,
              force_fixed_focal=args.force_fixed_focal, use_extract_interp=args.use_extract_interp,
-             track_time=args.track_time, low_memory_usage=args.low_memory, seed=args.seed)
+             track_time=args.track_time, low_memory_usage=args.low_memory, seed=args.seed,
+             intrinsics=intrinsics)
     timings.update(out.timings)
     if source is not frames:
         out.point_map, out.mask = upsample_output(out.point_map, out.mask, (h0, w0))
         out.depth = np.ascontiguousarray(out.point_map[..., 2])
 
     t0 = time.perf_counter()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.out.suffix == ".mcap":
-        write_mcap(args.out, mcap_source_name(args.video), frames, out, fps, args.stride)
-    else:
-        np.savez(args.out, point_map=out.point_map.astype(np.float16), mask=out.mask.astype(bool))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        if args.out.suffix == ".mcap":
+            write_mcap(args.out, mcap_source_name(args.video), frames, out, fps, args.stride)
+        else:
+            np.savez(args.out, point_map=out.point_map.astype(np.float16), mask=out.mask.astype(bool))
+    if getattr(args, "ply_dir", None) is not None:
+        write_ply_sequence(args.ply_dir, out.point_map, frames, out.mask)
     if args.png_depth is not None:
         write_png_depth(args.png_depth, out.depth, out.mask)
     if args.preview is not None:
         write_preview(args.preview, frames, out.depth, out.mask, fps)
     timings["write"] = time.perf_counter() - t0
     summary = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
-    log.info("wrote %s (%d frames %dx%d); %s", args.out, t, w0, h0, summary)
-    print(f"{args.out}: {t} frames {w0}x{h0} ({summary})")
+    target = args.out if args.out is not None else args.ply_dir
+    log.info("wrote %s (%d frames %dx%d); %s", target, t, w0, h0, summary)
+    print(f"{target}: {t} frames {w0}x{h0} ({summary})")
     return 0

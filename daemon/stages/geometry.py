@@ -14,8 +14,9 @@ flight at a time, serialised by ``GeometryWorker``'s lock; every request but "st
     ("warmup",)                             one dummy full window (:func:`warm_up`)  seconds (float)
     ("window", source, ring_name,           attach the ring on first use, copy the   [FrameResult, ..] that
      [(slot, generation, frame_index)..],   frames + priors, ``verify`` every ref,   are final now (the
-     first_seq)                             push to the source's StreamingSession    session holds the rest)
-                                            (created on the source's first window)
+     first_seq, intrinsics|None)            push to the source's StreamingSession    session holds the rest)
+                                            (created on the source's first window;
+                                            intrinsics: the source's known K, normalised)
     ("flush", source)                       end and forget the source's session      [FrameResult, ..] held
                                                                                      back ([] if none)
     ("detach", ring_name)                   close its view of the ring               None
@@ -63,7 +64,7 @@ class GeometryError(RuntimeError):
 
 class Session(Protocol):
     def push_window(self, frames: np.ndarray, prior_points: np.ndarray, prior_mask: np.ndarray,
-                    first_frame_index: int) -> list[Any]: ...
+                    first_frame_index: int, intrinsics: tuple[float, ...] | None = None) -> list[Any]: ...
 
     def flush(self) -> list[Any]: ...
 
@@ -97,6 +98,7 @@ class PipelineGeometry:
             use_extract_interp=g.use_extract_interp, seed=g.seed, low_memory_usage=g.low_memory,
             stats_policy=st.stats,
             stats_params=PolicyParams(st.stats_smoothing, st.stats_max_step, st.cut_threshold),
+            metric=g.metric,
         )
 
 
@@ -107,7 +109,7 @@ class _IdentitySession:
         self._emitted = -1
 
     def push_window(self, frames: np.ndarray, prior_points: np.ndarray, prior_mask: np.ndarray,
-                    first_frame_index: int) -> list[Any]:
+                    first_frame_index: int, intrinsics: tuple[float, ...] | None = None) -> list[Any]:
         from daemon.frames import FrameResult
 
         if self.delay_s:
@@ -119,7 +121,7 @@ class _IdentitySession:
                 continue  # overlap frame already emitted by the previous window
             pts = prior_points[i].astype(np.float32)
             out.append(FrameResult(idx, self._window_id, pts, pts[..., 2].copy(), prior_mask[i].copy(),
-                                   (1.0, 1.0, 0.5, 0.5)))
+                                   intrinsics or (1.0, 1.0, 0.5, 0.5)))
             self._emitted = idx
         self._window_id += 1
         return out
@@ -255,11 +257,12 @@ class GeometryWorker:
             self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="geometry-heartbeat")
         return secs
 
-    async def push_window(self, source: str, ring: Any, refs: list[Any], first_seq: int) -> list[Any]:
+    async def push_window(self, source: str, ring: Any, refs: list[Any], first_seq: int,
+                          intrinsics: tuple[float, ...] | None = None) -> list[Any]:
         """One window; on a fault the worker is restarted and the window retried once, then the fault is
         raised (``GeometryFault``; ``GeometryUnavailable`` when no restart is possible)."""
         wire = [(r.slot, r.generation, r.frame_index) for r in refs]
-        msg = ("window", source, ring.name, wire, first_seq)
+        msg = ("window", source, ring.name, wire, first_seq, intrinsics)
         for attempt in (1, 2):
             try:
                 return await self.request(msg, self.deadline_s)  # type: ignore[no-any-return]
@@ -500,7 +503,7 @@ def _worker_main(conn: Any, spec: ProcessorSpec) -> None:
                 assert processor is not None
                 reply = warm_up(processor, spec.geometry)
             elif op == "window":
-                _, source, ring_name, wire, first_seq = msg
+                _, source, ring_name, wire, first_seq, intrinsics = msg
                 assert processor is not None
                 ring = rings.get(ring_name)
                 if ring is None:
@@ -514,7 +517,7 @@ def _worker_main(conn: Any, spec: ProcessorSpec) -> None:
                 session = sessions.get(source)
                 if session is None:
                     session = sessions[source] = processor.new_session()
-                reply = session.push_window(frames, points, mask, first_seq)
+                reply = session.push_window(frames, points, mask, first_seq, intrinsics=intrinsics)
             elif op == "flush":
                 session = sessions.pop(msg[1], None)
                 reply = session.flush() if session is not None else []

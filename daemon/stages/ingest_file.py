@@ -92,8 +92,10 @@ class ThreadedReader:
             self._queue.get_nowait()
 
 
-def decode_container(container: object, height: int, width: int) -> Iterator[tuple[np.ndarray, float]]:
-    """Yield (RGB frame resized to height x width, pts seconds) from the first video stream."""
+def decode_container(container: object, height: int, width: int
+                     ) -> Iterator[tuple[np.ndarray, float, tuple[int, int]]]:
+    """Yield (RGB frame resized to height x width, pts seconds, decoded (H, W)) from the first video
+    stream."""
     stream = container.streams.video[0]  # type: ignore[attr-defined]
     stream.thread_type = "AUTO"
     tb = float(stream.time_base) if stream.time_base else 1.0 / 30
@@ -101,7 +103,8 @@ def decode_container(container: object, height: int, width: int) -> Iterator[tup
     n = 0
     for frame in container.decode(stream):  # type: ignore[attr-defined]
         pts = frame.pts * tb if frame.pts is not None else n / rate
-        yield frame.to_ndarray(format="rgb24", width=width, height=height), float(pts)
+        image = frame.to_ndarray(format="rgb24", width=width, height=height)
+        yield image, float(pts), (frame.height, frame.width)
         n += 1
 
 
@@ -130,10 +133,10 @@ class FileIngest:
                 if not container.streams.video:
                     raise IngestError(f"source {self.name}: {self.path} has no video stream")
                 frame_dt = 1.0 / float(container.streams.video[0].average_rate or 30)
-                for image, pts in decode_container(container, self.height, self.width):
+                for image, pts, size in decode_container(container, self.height, self.width):
                     last = pts
                     count += 1
-                    yield IngestFrame(image, offset + pts, time.monotonic())
+                    yield IngestFrame(image, offset + pts, time.monotonic(), size)
             except av.error.FFmpegError as exc:
                 raise IngestError(f"source {self.name}: decode error in {self.path}: {exc}") from exc
             finally:

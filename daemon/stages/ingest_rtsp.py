@@ -55,10 +55,10 @@ class RtspIngest:
             raise IngestError(f"source {self.name}: cannot open {scrub(self.url)}: "
                               f"{scrub(str(exc))}") from exc
         try:
-            for image, _ in decode_container(container, self.height, self.width):
+            for image, _, size in decode_container(container, self.height, self.width):
                 # a camera's pts restarts with every session: publish the wall-clock receive time instead
                 # (monotonic across reconnects; subscribers read pts > 1e9 as a unix time -> latency)
-                yield IngestFrame(image, time.time(), time.monotonic())
+                yield IngestFrame(image, time.time(), time.monotonic(), size)
         except av.error.FFmpegError as exc:
             raise IngestError(f"source {self.name}: stream error: {scrub(str(exc))}") from exc
         finally:

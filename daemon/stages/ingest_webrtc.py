@@ -183,7 +183,7 @@ class WebrtcSource:
                     log.info("webrtc first frame", extra={"source": self.name, "session": session.id,
                                                           "size": f"{frame.height}x{frame.width}"})
                 session.frames += 1
-                self._put(IngestFrame(image, time.time(), t_ingest))
+                self._put(IngestFrame(image, time.time(), t_ingest, (frame.height, frame.width)))
         except MediaStreamError:  # the remote track ended
             log.info("webrtc track ended", extra={"source": self.name, "session": session.id})
             await self.close_session(session.id)

@@ -438,7 +438,9 @@ class MqttPublisher:
             user = encoding.frame_properties(source, result.frame_index, pts, result.window_id, kind)
             user.update(props)
             user.update(frame_parts=parts, intrinsics=intr, created_at=created, tier=tier,
-                        prior_scale=repr(float(getattr(result, "prior_scale", 1.0))))
+                        prior_scale=repr(float(getattr(result, "prior_scale", 1.0))),
+                        units=str(getattr(result, "units", "relative")),
+                        metric_scale=repr(float(getattr(result, "metric_scale", 1.0))))
             user.update(extra or {})
             topic_kind = f"preview/{kind}" if tier == "preview" else kind
             out.append(self._message(source, topic_kind, payload, user, content_type, int(cfg.qos), retain=False))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from daemon.config import Config, Source
+from daemon.intrinsics import normalise_pixel_intrinsics
 from daemon.metrics import Metrics
 from daemon.progress import ProgressMonitor
 from daemon.shm import FrameRing, RingFullError
@@ -107,6 +108,8 @@ class SourceRunner:
         self._preview_pending: set[int] = set()  # seqs whose preview was not yet handed to a sink
         wants_colour = any(s is not None and s.colour for s in (parts.mcap, parts.foxglove))
         self.colours = ColourStash(4 * cfg.geometry.window_size) if wants_colour else None
+        self.intrinsics: tuple[float, ...] | None = None  # src.intrinsics normalised for the decoded size
+        self._intrinsics_size: tuple[int, int] | None = None
 
     def _make_ingest(self) -> Any:
         g = self.d.cfg.geometry
@@ -179,6 +182,8 @@ class SourceRunner:
         unplaced = False
         try:
             async for fr in ingest.frames():
+                if self.src.intrinsics is not None and fr.source_size != self._intrinsics_size:
+                    self._set_intrinsics(fr.source_size)  # before frames_in: a failing frame is not admitted
                 idx = self._frame_index
                 self._frame_index += 1
                 m.frame_in(self.name)
@@ -235,6 +240,18 @@ class SourceRunner:
             self._emit(final)
         self.prior_q.put_nowait(_END)
         await self.win_q.put(_END)
+
+    def _set_intrinsics(self, size: tuple[int, int]) -> None:
+        """Normalise the configured pixel intrinsics for the decoded size (on the first frame and when the
+        size changes); a principal point outside the frame fails the source (IngestError)."""
+        try:
+            self.intrinsics = normalise_pixel_intrinsics(self.src.intrinsics or (), *size)
+        except ValueError as exc:
+            raise IngestError(f"source {self.name}: intrinsics {self.src.intrinsics} do not fit the decoded "
+                              f"size {size[1]}x{size[0]}: {exc}") from None
+        self._intrinsics_size = size
+        log.info("known intrinsics", extra={"source": self.name, "size": f"{size[1]}x{size[0]}",
+                                            "normalised": [round(v, 6) for v in self.intrinsics]})
 
     async def _wait_for_space(self) -> None:
         async with self._space:
@@ -394,7 +411,8 @@ class SourceRunner:
             t0 = time.monotonic()
             self.in_geometry = True
             try:
-                results = await worker.push_window(self.name, self.ring, win.refs, win.first_seq)
+                results = await worker.push_window(self.name, self.ring, win.refs, win.first_seq,
+                                                   self.intrinsics)
             except GeometryUnavailable as exc:
                 self._drop_through(win, worker.last_fault or "geometry_crash")
                 self._release(win)

@@ -151,6 +151,9 @@ CONFIG_EXPECTATIONS: dict[str, dict[str, object]] = {
     "image_encoder": {"hidden_size": 1280, "num_hidden_layers": 32, "projection_dim": 1024},
 }
 MOGE_CHECKPOINT = Path("moge") / "model.pt"
+MOGE2_CHECKPOINT = Path("moge2") / "model.pt"  # Ruicheng/moge-2-vitl-normal (prior.model = "moge2")
+MOGE_CHECKPOINTS = {"moge1": (MOGE_CHECKPOINT,), "moge2": (MOGE2_CHECKPOINT,),
+                    "both": (MOGE_CHECKPOINT, MOGE2_CHECKPOINT)}
 VARIANT_COMPONENTS = {"diff": ("unet_diff",), "determ": ("unet_determ",), "all": ("unet_diff", "unet_determ")}
 
 
@@ -279,21 +282,24 @@ def check_component(root: Path, comp: Component, structure_only: bool = False) -
     return report
 
 
-def check_moge(root: Path) -> Report:
+def check_moge(root: Path, checkpoint: Path = MOGE_CHECKPOINT) -> Report:
     """The MoGe checkpoint only has to exist and be non-empty (it is a torch pickle; not opened here)."""
-    report = Report("moge")
-    path = root / MOGE_CHECKPOINT
+    report = Report(checkpoint.parent.name)
+    path = root / checkpoint
     if not path.is_file():
-        report.problems.append(f"{MOGE_CHECKPOINT}: missing")
+        report.problems.append(f"{checkpoint}: missing")
     elif path.stat().st_size == 0:
-        report.problems.append(f"{MOGE_CHECKPOINT}: empty file")
+        report.problems.append(f"{checkpoint}: empty file")
     else:
-        report.files.append(f"{MOGE_CHECKPOINT} ({path.stat().st_size} bytes)")
+        report.files.append(f"{checkpoint} ({path.stat().st_size} bytes)")
     return report
 
 
-def check_model_dir(root: Path, structure_only: bool = False, variant: str = "all") -> list[Report]:
-    """Reports for every component of a model folder (``variant`` picks which UNets are required)."""
+def check_model_dir(root: Path, structure_only: bool = False, variant: str = "all", prior: str = "moge1"
+                    ) -> list[Report]:
+    """Reports for every component of a model folder (``variant`` picks which UNets are required, ``prior``
+    which MoGe checkpoints)."""
     unets = VARIANT_COMPONENTS[variant]
     names = [n for n in COMPONENTS if not n.startswith("unet_") or n in unets]
-    return [check_component(root, COMPONENTS[n], structure_only) for n in names] + [check_moge(root)]
+    return ([check_component(root, COMPONENTS[n], structure_only) for n in names]
+            + [check_moge(root, c) for c in MOGE_CHECKPOINTS[prior]])

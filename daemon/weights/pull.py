@@ -22,12 +22,15 @@ from pathlib import Path
 GEOMETRYCRAFTER_REPO = "TencentARC/GeometryCrafter"
 SVD_REPO = "stabilityai/stable-video-diffusion-img2vid-xt"
 MOGE_REPO = "Ruicheng/moge-vitl"
+MOGE2_REPO = "Ruicheng/moge-2-vitl-normal"  # MoGe-2 ViT-L with normal head: prior.model = "moge2"
+PRIORS = ("moge1", "moge2", "both")
 GATED_REPOS = frozenset({SVD_REPO})
 # Revisions observed on the hub pages (spec 1.1); SVD-xt's pin is unverified there, so it follows main.
 DEFAULT_REVISIONS: dict[str, str] = {
     GEOMETRYCRAFTER_REPO: "2e8eeeecd205018f0937e05f711011505ab61573",
     SVD_REPO: "main",
     MOGE_REPO: "979e84da9415762c30e6c0cf8dc0962896c793df",
+    MOGE2_REPO: "main",  # not pinned: no revision of it was observed offline; pin with --revision
 }
 PROVENANCE_FILE = "weights.json"
 VARIANTS = ("all", "diff", "determ")
@@ -49,8 +52,12 @@ class PlannedFile:
         return Path(self.local_dir) / self.filename
 
 
-def pull_plan(variant: str = "all", revisions: dict[str, str] | None = None) -> list[PlannedFile]:
-    """Every file of spec 1.1 the daemon needs, nothing else (no SVD UNet, fp16 variants of SVD parts)."""
+def pull_plan(variant: str = "all", revisions: dict[str, str] | None = None, prior: str = "moge1"
+              ) -> list[PlannedFile]:
+    """Every file of spec 1.1 the daemon needs, nothing else (no SVD UNet, fp16 variants of SVD parts).
+    ``prior``: MoGe-1 (``moge/model.pt``), MoGe-2 (``moge2/model.pt``) or both."""
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {', '.join(PRIORS)}, got {prior!r}")
     rev = {**DEFAULT_REVISIONS, **(revisions or {})}
     gc, svd, moge = GEOMETRYCRAFTER_REPO, SVD_REPO, MOGE_REPO
     unets = {"diff": ["unet_diff"], "determ": ["unet_determ"], "all": ["unet_diff", "unet_determ"]}[variant]
@@ -69,8 +76,11 @@ def pull_plan(variant: str = "all", revisions: dict[str, str] | None = None) -> 
         (svd, "image_encoder/model.fp16.safetensors", "", 1_264_000_000),
         (svd, "feature_extractor/preprocessor_config.json", "", 0),
         (svd, "scheduler/scheduler_config.json", "", 0),
-        (moge, "model.pt", "moge", 1_257_000_000),
     ]
+    if prior in ("moge1", "both"):
+        files.append((moge, "model.pt", "moge", 1_257_000_000))
+    if prior in ("moge2", "both"):
+        files.append((MOGE2_REPO, "model.pt", "moge2", 1_330_000_000))
     return [PlannedFile(repo, name, rev[repo], local, size) for repo, name, local, size in files]
 
 
