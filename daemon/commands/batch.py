@@ -24,7 +24,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from daemon.offline.batch import MANIFEST, Manifest, UsageError, expand_inputs, is_complete, output_paths, run_serial
-from daemon.offline.worker import BatchWorker, ProcessOptions, VideoResult
+from daemon.offline.options import DEFAULTS as D
+from daemon.offline.options import ProcessOptions
+from daemon.offline.worker import BatchWorker, VideoResult
 
 log = logging.getLogger(__name__)
 
@@ -45,31 +47,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --ray local: GPUs the local cluster announces (logical ones on a CPU box)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.add_argument("--model-dir", type=Path, required=True, help="model folder (merged official layout)")
-    p.add_argument("--variant", choices=("diff", "determ"), default="diff", help="UNet variant (default diff)")
-    p.add_argument("--height", type=int, default=0, help="processing height, multiple of 64 (default: source)")
-    p.add_argument("--width", type=int, default=0, help="processing width, multiple of 64 (default: source)")
-    p.add_argument("--window", type=int, default=110, help="window size in frames (default 110)")
-    p.add_argument("--overlap", type=int, default=25, help="window overlap in frames (default 25)")
-    p.add_argument("--steps", type=int, default=5, help="denoising steps, diff variant (default 5)")
-    p.add_argument("--decode-chunk", type=int, default=8, help="frames per encoder/decoder call (default 8)")
-    p.add_argument("--stride", type=int, default=1, help="use every N-th frame (default 1)")
-    p.add_argument("--max-frames", type=int, default=-1, help="process at most N frames (default all)")
-    p.add_argument("--seed", type=int, default=42, help="noise seed (default 42)")
-    p.add_argument("--low-memory", action="store_true", help="keep big tensors on the host")
-    p.add_argument("--dtype", choices=("auto", "fp16", "fp32"), default="auto",
+    p.add_argument("--variant", choices=("diff", "determ"), default=D.variant,
+                   help="UNet variant (default %(default)s)")
+    p.add_argument("--height", type=int, default=D.height, help="processing height, multiple of 64 (default: source)")
+    p.add_argument("--width", type=int, default=D.width, help="processing width, multiple of 64 (default: source)")
+    p.add_argument("--window", type=int, default=D.window, help="window size in frames (default %(default)s)")
+    p.add_argument("--overlap", type=int, default=D.overlap, help="window overlap in frames (default %(default)s)")
+    p.add_argument("--steps", type=int, default=D.steps, help="denoising steps, diff variant (default %(default)s)")
+    p.add_argument("--decode-chunk", type=int, default=D.decode_chunk,
+                   help="frames per encoder/decoder call (default %(default)s)")
+    p.add_argument("--stride", type=int, default=D.stride, help="use every N-th frame (default %(default)s)")
+    p.add_argument("--max-frames", type=int, default=D.max_frames, help="process at most N frames (default all)")
+    p.add_argument("--seed", type=int, default=D.seed, help="noise seed (default %(default)s)")
+    p.add_argument("--low-memory", action="store_true", default=D.low_memory,
+                   help="keep big tensors on the host")
+    p.add_argument("--dtype", choices=("auto", "fp16", "fp32"), default=D.dtype,
                    help="network precision (auto = fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device of the MoGe prior")
-    p.add_argument("--prior-python", default="", help="interpreter for the MoGe sidecar (default: this one)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=D.device,
+                   help="device of the MoGe prior")
+    p.add_argument("--prior-python", default=D.prior_python,
+                   help="interpreter for the MoGe sidecar (default: this one)")
     p.set_defaults(func=run)
 
 
 # ---- running ---------------------------------------------------------------------------------------------
 def options_from_args(args: argparse.Namespace) -> ProcessOptions:
-    return ProcessOptions(model_dir=str(args.model_dir), variant=args.variant, height=args.height,
-                          width=args.width, window=args.window, overlap=args.overlap, steps=args.steps,
-                          decode_chunk=args.decode_chunk, stride=args.stride, max_frames=args.max_frames,
-                          seed=args.seed, low_memory=args.low_memory, dtype=args.dtype, device=args.device,
-                          prior_python=args.prior_python)
+    return ProcessOptions.from_args(args)
 
 
 def _validate(args: argparse.Namespace) -> None:
