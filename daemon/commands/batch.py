@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from daemon.offline.batch import MANIFEST, Manifest, UsageError, expand_inputs, is_complete, output_paths, run_serial
-from daemon.offline.options import DEFAULTS as D
+from daemon.commands.process import add_processing_options
 from daemon.offline.options import ProcessOptions
 from daemon.offline.worker import BatchWorker, VideoResult
 
@@ -47,26 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --ray local: GPUs the local cluster announces (logical ones on a CPU box)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.add_argument("--model-dir", type=Path, required=True, help="model folder (merged official layout)")
-    p.add_argument("--variant", choices=("diff", "determ"), default=D.variant,
-                   help="UNet variant (default %(default)s)")
-    p.add_argument("--height", type=int, default=D.height, help="processing height, multiple of 64 (default: source)")
-    p.add_argument("--width", type=int, default=D.width, help="processing width, multiple of 64 (default: source)")
-    p.add_argument("--window", type=int, default=D.window, help="window size in frames (default %(default)s)")
-    p.add_argument("--overlap", type=int, default=D.overlap, help="window overlap in frames (default %(default)s)")
-    p.add_argument("--steps", type=int, default=D.steps, help="denoising steps, diff variant (default %(default)s)")
-    p.add_argument("--decode-chunk", type=int, default=D.decode_chunk,
-                   help="frames per encoder/decoder call (default %(default)s)")
-    p.add_argument("--stride", type=int, default=D.stride, help="use every N-th frame (default %(default)s)")
-    p.add_argument("--max-frames", type=int, default=D.max_frames, help="process at most N frames (default all)")
-    p.add_argument("--seed", type=int, default=D.seed, help="noise seed (default %(default)s)")
-    p.add_argument("--low-memory", action="store_true", default=D.low_memory,
-                   help="keep big tensors on the host")
-    p.add_argument("--dtype", choices=("auto", "fp16", "fp32"), default=D.dtype,
-                   help="network precision (auto = fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=D.device,
-                   help="device of the MoGe prior")
-    p.add_argument("--prior-python", default=D.prior_python,
-                   help="interpreter for the MoGe sidecar (default: this one)")
+    add_processing_options(p)
     p.set_defaults(func=run)
 
 
@@ -78,13 +59,7 @@ def options_from_args(args: argparse.Namespace) -> ProcessOptions:
 def _validate(args: argparse.Namespace) -> None:
     if not args.model_dir.is_dir():
         raise UsageError(f"model folder not found: {args.model_dir}")
-    for name in ("window", "decode_chunk", "stride", "steps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0 <= args.overlap < args.window:
-        raise UsageError(f"--overlap must be in [0, --window) = [0, {args.window}), got {args.overlap}")
-    if (args.height > 0) != (args.width > 0) or args.height % 64 or args.width % 64:
-        raise UsageError("give both --height and --width as multiples of 64, or neither")
+    ProcessOptions.from_args(args).check()
     if args.gpus_per_worker < 0 or args.workers < 0:
         raise UsageError("--workers and --gpus-per-worker must be >= 0")
     from daemon.weights.tiny import missing_parts

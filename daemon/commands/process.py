@@ -22,20 +22,9 @@ from daemon.offline.process import UsageError, process_file
 log = logging.getLogger(__name__)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "process",
-        help="process one video file offline into an upstream-compatible .npz of point maps",
-        description="Run GeometryCrafter on a whole video file (offline, exact upstream semantics).",
-    )
-    p.add_argument("video", type=Path, help="input video file (run.py video_path)")
-    p.add_argument("--model-dir", type=Path, required=True,
-                   help="model folder (merged official layout; replaces run.py --cache_dir and the hub)")
-    out = p.add_mutually_exclusive_group(required=True)
-    out.add_argument("--out", type=Path, help="output .npz (point_map float16, mask bool)")
-    out.add_argument("--save-folder", type=Path, default=None, metavar="DIR",
-                     help="write DIR/<video name>.npz as run.py does")
-    # run.py's options under its names (dashes for underscores); the short names are aliases
+def add_processing_options(p: argparse.ArgumentParser) -> None:
+    """run.py's options under its names (dashes for underscores; the short names are aliases), defaults from
+    ProcessOptions; dests are ProcessOptions' field names (`geometryd process` and `geometryd batch`)."""
     p.add_argument("--model-type", "--variant", dest="variant", choices=("diff", "determ"), default=D.variant,
                    help=f"UNet variant (default {D.variant})")
     p.add_argument("--height", type=int, default=D.height,
@@ -64,14 +53,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --force-projection: one focal for the clip, else per frame (default on)")
     p.add_argument("--use-extract-interp", action=argparse.BooleanOptionalAction, default=D.use_extract_interp,
                    help="nearest-exact instead of bilinear upsampling of depth and mask (default off)")
-    p.add_argument("--track-time", action="store_true", help="print the elapsed time per stage")
-    p.add_argument("--low-memory-usage", "--low-memory", dest="low_memory", action="store_true",
+    p.add_argument("--low-memory-usage", "--low-memory", dest="low_memory", action="store_true", default=D.low_memory,
                    help="keep big tensors on the host, free device memory")
     p.add_argument("--dtype", choices=("auto", "fp16", "fp32"), default=D.dtype,
                    help="network precision: fp16 = official policy; auto = fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=D.device,
                    help="device of the MoGe prior")
     p.add_argument("--prior-python", default=D.prior_python, help="interpreter for the MoGe sidecar (default: this one)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "process",
+        help="process one video file offline into an upstream-compatible .npz of point maps",
+        description="Run GeometryCrafter on a whole video file (offline, exact upstream semantics).",
+    )
+    p.add_argument("video", type=Path, help="input video file (run.py video_path)")
+    p.add_argument("--model-dir", type=Path, required=True,
+                   help="model folder (merged official layout; replaces run.py --cache_dir and the hub)")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", type=Path, help="output .npz (point_map float16, mask bool)")
+    out.add_argument("--save-folder", type=Path, default=None, metavar="DIR",
+                     help="write DIR/<video name>.npz as run.py does")
+    add_processing_options(p)
+    p.add_argument("--track-time", action="store_true", help="print the elapsed time per stage")
     p.add_argument("--png-depth", type=Path, default=None, metavar="DIR",
                    help="also write 16-bit PNG depth frames")
     p.add_argument("--preview", type=Path, default=None, metavar="PNG|MP4",
