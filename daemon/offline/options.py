@@ -42,7 +42,7 @@ class ProcessOptions:
     prior_python: str = ""  # interpreter of the MoGe sidecar ("" = this one)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "ProcessOptions":
+    def from_args(cls, args: argparse.Namespace) -> ProcessOptions:
         """The fields present in ``args`` (argparse dests use the field names); the rest keep their defaults."""
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
         values["model_dir"] = str(values.get("model_dir", ""))

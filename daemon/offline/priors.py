@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from daemon.shm import FrameRing
+from daemon.shm import FrameRing, SlotRef
 from daemon.stages.prior import PriorSettings, PriorSidecar
+
+log = logging.getLogger(__name__)
 
 PRIOR_RING_BYTES = 512 << 20  # shared-memory budget of the prior ring (frame + points + mask per slot)
 
@@ -34,7 +37,7 @@ def prior_ring_slots(height: int, width: int, most: int = 16) -> int:
 
 
 class PriorClient:
-    """Blocking MoGe priors through one long-lived sidecar; :meth:`compute` takes up to :meth:`batch` frames."""
+    """Blocking MoGe priors through one long-lived sidecar: :meth:`put` up to :meth:`batch` frames, :meth:`flush`."""
 
     def __init__(self, checkpoint: Path, *, device: str = "auto", python: str = "", chunk: int = 8,
                  request_timeout_s: float = 3600.0) -> None:
@@ -46,6 +49,7 @@ class PriorClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ring: FrameRing | None = None
+        self._refs: list[SlotRef] = []
 
     def start(self) -> None:
         if self._sidecar is not None:
@@ -66,25 +70,35 @@ class PriorClient:
         """Frames per request for this frame size (one ring)."""
         return prior_ring_slots(height, width)
 
-    def compute(self, frames: np.ndarray, on_frame: Callable[[int, np.ndarray, np.ndarray], None],
-                first_index: int = 0) -> None:
-        """frames (n,H,W,3) uint8, n <= batch(H, W): ``on_frame(k, points (H,W,3) float32, mask (H,W) bool)``
-        per frame, in order, on views into the ring (valid only during the call: copy what must stay)."""
-        self.start()  # on first use: a file that fails before its first batch never starts a sidecar
-        assert self._sidecar is not None
-        n, h, w, _ = frames.shape
-        slots = self.batch(h, w)
-        if n > slots:
-            raise ValueError(f"{n} frames in one prior request, the ring holds {slots}")
+    def put(self, frame: np.ndarray, index: int) -> int:
+        """Write one (H,W,3) uint8 frame into the ring for the next :meth:`flush`; returns the frames waiting.
+        At most :meth:`batch` frames wait (the caller flushes when that many do)."""
+        h, w, _ = frame.shape
         ring = self._ring
         if ring is None or (ring.height, ring.width) != (h, w):
+            if self._refs:
+                raise ValueError(f"frame size changed to {w}x{h} with {len(self._refs)} frames waiting")
             self.end_clip()
-            ring = self._ring = FrameRing.create(f"offline{next(_ring_ids)}", slots, h, w)
-        refs = [ring.write_frame(frames[k], first_index + k, float(first_index + k)) for k in range(n)]
+            ring = self._ring = FrameRing.create(f"offline{next(_ring_ids)}", self.batch(h, w), h, w)
+        if len(self._refs) == ring.n_slots:
+            raise ValueError(f"{len(self._refs)} frames already wait: flush() first")
+        self._refs.append(ring.write_frame(frame, index, float(index)))
+        return len(self._refs)
+
+    def flush(self, on_frame: Callable[[int, np.ndarray, np.ndarray], None]) -> None:
+        """MoGe on the waiting frames (one request): ``on_frame(index, points (H,W,3) float32, mask (H,W) bool)``
+        per frame, in order, on views into the ring (valid only during the call: copy what must stay)."""
+        refs, self._refs = self._refs, []
+        if not refs:
+            return
+        ring = self._ring
+        assert ring is not None
         try:
+            self.start()  # on first use: a file that fails before its first batch never starts a sidecar
+            assert self._sidecar is not None
             self._call(self._sidecar.compute(ring, refs))
-            for k, ref in enumerate(refs):
-                on_frame(k, ring.prior_points(ref), ring.prior_mask(ref))
+            for ref in refs:
+                on_frame(ref.frame_index, ring.prior_points(ref), ring.prior_mask(ref))
         finally:
             for ref in refs:
                 ring.release(ref)
@@ -94,11 +108,14 @@ class PriorClient:
         ring, self._ring = self._ring, None
         if ring is None:
             return
+        for ref in self._refs:
+            ring.release(ref)
+        self._refs = []
         if self._sidecar is not None:
             try:
                 self._call(self._sidecar.detach(ring.name))
-            except Exception:  # noqa: BLE001 - the ring goes away anyway
-                pass
+            except Exception as exc:  # noqa: BLE001 - the ring goes away anyway
+                log.debug("detaching ring %s failed: %s", ring.name, exc)
         ring.close()
         ring.unlink()
 
@@ -116,7 +133,7 @@ class PriorClient:
             self._loop.close()
             self._loop = None
 
-    def __enter__(self) -> "PriorClient":
+    def __enter__(self) -> PriorClient:  # noqa: PYI034 - final class
         return self
 
     def __exit__(self, *exc: object) -> None:

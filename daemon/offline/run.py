@@ -3,22 +3,25 @@ GeometryCrafter -> outputs, streamed so that memory does not grow with decoded f
 
 Upstream (run.py, diff_ppl.py) holds the whole clip: frames, priors and outputs at the source size. Here:
 
-1. decode (:func:`prepare_clip`): frames arrive one at a time; each batch of ``PriorClient.batch`` frames
-   goes through the sidecar at once; the source-size priors feed the clip-global statistics
-   (:class:`daemon.model.prior_post.StatsAccumulator`) and wait on disk (:class:`PriorSpill`); the frames are
-   kept only as the encoder will read them: at the processing size (``frames_at_size`` on the same
-   ``decode_chunk`` groups the encoder uses) or as uint8 when that is smaller.
+1. decode (:func:`prepare_clip`): frames arrive one at a time and go straight into the prior ring; a full
+   ring (``PriorClient.batch`` frames) is one sidecar request; the source-size priors feed the clip-global
+   statistics (:class:`daemon.model.prior_post.StatsAccumulator`) and wait on disk (:class:`PriorSpill`):
+   the statistics are known only after the last frame, and the prior cannot be shrunk before them. The
+   frames are kept only as the encoder reads them: at the processing size, or as uint8 when that is smaller.
 2. prior post-processing reads the spill back a frame at a time into x4 at the processing size.
 3. encode + denoise (``GeometryCrafter.offline_latents``) at the processing size.
-4. decode (``decode_chunk`` frames per call) + post (:func:`geometry_chunks`) a few frames at a time: the decoder heads stay at the
-   processing size, the clip-global focal (spec 4.7 step 4) is summed chunk by chunk in numpy's own order
-   (:class:`BufferedMean`), and the output frames are handed to the sinks as they complete.
+4. decode (``decode_chunk`` frames per decoder call) + post (:func:`geometry_chunks`) a few frames at a
+   time: the decoder heads stay at the processing size, the clip-global focal (spec 4.7 step 4) is summed
+   chunk by chunk in numpy's own order (:class:`BufferedMean`), and output frames go to the sinks as they
+   complete.
 
 What grows with the clip: per frame, the encoder input, x4 and the three decoder heads at the processing
 size, and the output mask at the output size (1 byte per pixel: the npz writes it after the point map).
-The results are the float32 values of ``GeometryCrafter.__call__`` (the same numpy/BLAS calls on the same
-chunks), except with ``downsample_ratio`` > 1, where the shrink and the upsampling back run per frame group
-instead of on the whole clip (BLAS blocking: a few float32 ulps).
+The results are the values of ``GeometryCrafter.__call__``: the same numpy/BLAS calls, on fewer frames at
+a time where frames are big; that a resize's values do not depend on how many frames it is given is checked
+in tests/test_process_input.py, and outputs were compared bit for bit with 0.2.0's. With
+``downsample_ratio`` > 1 the shrink and the upsampling back run per frame instead of on the whole clip:
+equal on the sizes tested, not proven for every size.
 """
 
 from __future__ import annotations
@@ -37,8 +40,15 @@ from daemon.model.prior_post import StatsAccumulator, prior_to_x4_frames
 from daemon.offline.options import ProcessOptions, UsageError
 from daemon.offline.priors import PriorClient
 from daemon.offline.spill import PriorSpill
-from daemon.pipeline import (GeometryCrafter, _Stages, decode_post, frames_at_size, normalised_intrinsics,
-                             points_from_maps, projected_focal, DecodedMaps)
+from daemon.pipeline import (
+    GeometryCrafter,
+    _Stages,
+    decode_post,
+    frames_at_size,
+    normalised_intrinsics,
+    points_from_maps,
+    projected_focal,
+)
 from daemon.video import VideoError, iter_frames, probe
 
 log = logging.getLogger(__name__)
@@ -141,7 +151,8 @@ class _ClipReader:
         self.spill: PriorSpill | None = None
         self.size = self.src = self.out = (0, 0)
         self._batch = 1
-        self._prior_frames: list[np.ndarray] = []
+        self._frames = 0
+        self._enc_group = 1
         self._enc_frames: list[np.ndarray] = []
         self.prior_s = 0.0
 
@@ -151,27 +162,30 @@ class _ClipReader:
             self.size, self.src = check_sizes(img.shape[0], img.shape[1], self.opts)
             self.spill = PriorSpill(self.src[0], self.src[1], self.spill_dir)
             self._batch = self.priors.batch(*self.src)
+            # the encoder resizes decode_chunk frames per call; big frames are resized one at a time as they
+            # arrive instead (the same values: the resize of a frame does not depend on its batch,
+            # tests/test_process_input.py), so that no group of source frames waits
+            dc = self.opts.decode_chunk
+            self._enc_group = dc if host_frames(self.src[0], 3 * self.src[1], dc) == dc else 1
         frame, prior_frame = img[None], img
         if self.src != self.out:
             frame = downsample_frames(frame, self.opts.downsample_ratio)
             prior_frame = quantize_frames(frame)[0]
-        self._prior_frames.append(prior_frame)
-        self._enc_frames.append(frame)
-        if len(self._prior_frames) == self._batch:
+        if self.priors.put(prior_frame, self._frames) == self._batch:
             self._flush_priors()
-        if len(self._enc_frames) == self.opts.decode_chunk:
+        self._frames += 1
+        self._enc_frames.append(frame)
+        if len(self._enc_frames) == self._enc_group:
             self._flush_frames()
 
     def finish(self) -> None:
-        if self._prior_frames:
-            self._flush_priors()
+        self._flush_priors()
         if self._enc_frames:
             self._flush_frames()
 
     def _flush_priors(self) -> None:
         t0 = time.perf_counter()
-        self.priors.compute(np.stack(self._prior_frames), self._keep_prior, self.acc.frames)
-        self._prior_frames.clear()
+        self.priors.flush(self._keep_prior)
         self.prior_s += time.perf_counter() - t0
 
     def _keep_prior(self, _k: int, points: np.ndarray, mask: np.ndarray) -> None:
@@ -344,7 +358,7 @@ def write_outputs(chunks: Iterator[OutputChunk], sinks: list[OutputSink], frames
         for sink in sinks:
             try:
                 sink.abort()
-            except Exception:  # noqa: BLE001 - the first error is the one to report
+            except Exception:
                 log.debug("sink abort failed", exc_info=True)
         raise
 

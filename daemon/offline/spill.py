@@ -57,7 +57,7 @@ class PriorSpill:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "PriorSpill":
+    def __enter__(self) -> PriorSpill:  # noqa: PYI034 - final class
         return self
 
     def __exit__(self, *exc: object) -> None:
