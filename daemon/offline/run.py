@@ -307,6 +307,7 @@ def geometry_chunks(gc: GeometryCrafter, clip: PreparedClip, opts: ProcessOption
     latents = gc.offline_latents(clip.frames, clip.x4, clip.size, window_size=window, overlap=overlap,
                                  num_inference_steps=opts.steps, guidance_scale=opts.guidance_scale,
                                  decode_chunk_size=opts.decode_chunk, noise=None, seed=opts.seed, stages=stages)
+    clip.frames = clip.x4 = np.empty(0)  # encoded: not needed any more
     dc = opts.decode_chunk
     with stages.stage("decode", t) as tick:
         heads = gc.decode(gc.latents_to_z(latents), dc, tick)
@@ -376,5 +377,4 @@ def run_video(model: Callable[[], GeometryCrafter], priors: PriorClient, video: 
     write_outputs(geometry_chunks(gc, clip, opts, stages), sinks(clip), clip.t, clip.out[0], clip.out[1],
                   clip.fps)
     timings = {**clip.timings, **({"load_model": load_s} if load_s > 0.01 else {}), **stages.timings}
-    clip.frames = clip.x4 = np.empty(0)  # the caller keeps the clip's sizes, not its arrays
     return clip, timings
