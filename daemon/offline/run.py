@@ -346,10 +346,11 @@ def geometry_chunks(gc: GeometryCrafter, clip: PreparedClip, opts: ProcessOption
 
 def write_outputs(chunks: Iterator[OutputChunk], sinks: list[OutputSink], frames: int, height: int,
                   width: int, fps: float) -> None:
-    """Hand every chunk to every sink; a failure aborts all of them (no partial file stays)."""
-    for sink in sinks:
-        sink.begin(frames, height, width, fps)
+    """Hand every chunk to every sink; a failure aborts all of them (no partial npz stays). Sinks must accept
+    ``abort`` without ``begin``."""
     try:
+        for sink in sinks:
+            sink.begin(frames, height, width, fps)
         for chunk in chunks:
             for sink in sinks:
                 sink.add(chunk)
