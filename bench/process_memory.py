@@ -1,6 +1,8 @@
-"""Peak RSS of `geometryd process` on a 3840x2160 clip (issue #18): PyAV writes the clip, the tiny model
-processes it at a small working size, /proc is sampled every 20 ms for the daemon process and its MoGe sidecar.
-Writes bench/results/process_memory.json. Run: PYTHONPATH=. .venv/bin/python bench/process_memory.py"""
+"""Peak RSS of `geometryd process` on 3840x2160 clips of two lengths (issue #18): PyAV writes the clips, the
+tiny model processes them at a small working size, /proc is sampled every 20 ms for the daemon process and its
+MoGe sidecar. The streamed offline path (daemon/offline/run.py) should peak at about the same RSS for both
+lengths: what grows per frame is the output mask (1 byte per source pixel) and the processing-size arrays.
+Appends to bench/results/process_memory.json. Run: PYTHONPATH=. .venv/bin/python bench/process_memory.py"""
 
 from __future__ import annotations
 
@@ -67,27 +69,42 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--frames", type=int, default=4)
+    ap.add_argument("--frames", type=int, nargs="+", default=[4, 12], help="clip lengths to measure")
     ap.add_argument("--work", type=Path, default=REPO / "var" / "bench-process-memory")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "process_memory.json")
     ap.add_argument("--label", default="")
+    ap.add_argument("--window", type=int, default=0,
+                    help="> 0: --window-size W --overlap 1 --decode-chunk-size W, so that clips longer than W hold "
+                         "the networks' working set constant and only the clip's own growth shows")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     from daemon.weights.tiny import make_tiny
 
     model = make_tiny(args.work / "tiny-model", seed=0)
-    clip = args.work / f"uhd{args.frames}.mp4"
-    if not clip.exists():
-        write_clip(clip, args.frames, 2160, 3840)
-    cmd = [sys.executable, "-m", "daemon", "process", str(clip), "--model-dir", str(model), "--out",
-           str(args.work / "out.npz"), "--height", "128", "--width", "256", "--steps", "1", "--device", "cpu"]
-    rec = {"label": args.label, "frames": args.frames, "size": "3840x2160", "work_size": "256x128",
-           "clip_decoded_mib": args.frames * 2160 * 3840 * 3 / 2**20, "cpus": os.cpu_count(),
-           **measure(cmd, dict(os.environ))}
-    print(json.dumps(rec))
+    recs = []
+    for n in args.frames:
+        clip = args.work / f"uhd{n}.mp4"
+        if not clip.exists():
+            write_clip(clip, n, 2160, 3840)
+        cmd = [sys.executable, "-m", "daemon", "process", str(clip), "--model-dir", str(model), "--out",
+               str(args.work / "out.npz"), "--height", "128", "--width", "256", "--steps", "1", "--device", "cpu"]
+        if args.window > 0:
+            cmd += ["--window-size", str(args.window), "--overlap", "1", "--decode-chunk-size", str(args.window)]
+        rec = {"label": args.label, "frames": n, "size": "3840x2160", "work_size": "256x128",
+               "window": args.window or "default (110, decode chunk 8)",
+               "clip_decoded_mib": n * 2160 * 3840 * 3 / 2**20, "cpus": os.cpu_count(),
+               **measure(cmd, dict(os.environ))}
+        print(json.dumps(rec), flush=True)
+        recs.append(rec)
+    if len(recs) > 1:
+        a, b = recs[0], recs[-1]
+        per = (b["peak_rss_main_mib"] - a["peak_rss_main_mib"]) / (b["frames"] - a["frames"])
+        print(f"main peak grows {per:.1f} MiB per frame ({a['frames']} -> {b['frames']} frames; "
+              f"a decoded frame is {2160 * 3840 * 3 / 2**20:.1f} MiB)")
+        recs[-1]["main_peak_growth_mib_per_frame"] = per
     args.out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(args.out.read_text()) if args.out.exists() else []
-    args.out.write_text(json.dumps([*old, rec], indent=1))
+    args.out.write_text(json.dumps([*old, *recs], indent=1))
 
 
 if __name__ == "__main__":

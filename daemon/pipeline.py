@@ -577,6 +577,58 @@ class GeometryCrafter:
 
     # ---- offline ---------------------------------------------------------------------------------
 
+    def offline_latents(
+        self,
+        frames: np.ndarray,
+        x4: np.ndarray,
+        size: tuple[int, int],
+        *,
+        window_size: int,
+        overlap: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        decode_chunk_size: int,
+        noise: np.ndarray | None,
+        seed: int,
+        stages: Any = None,
+    ) -> np.ndarray:
+        """Offline steps between the prior and the decoder (spec 4.3-4.6): encode the clip, denoise its
+        windows, stitch them. ``window_size``/``overlap`` as already adjusted for a short clip (run.py).
+        Returns the stitched latents (1, T, 4, H/8, W/8)."""
+        stages = stages if stages is not None else _Stages(True)
+        t = x4.shape[0]
+        h, w = size[0] // 8, size[1] // 8
+        with stages.stage("encode", t) as tick:
+            cond = self.encode(frames, x4, size, decode_chunk_size, tick)
+
+        plan = window_plan(t, window_size, overlap)
+        schedule = self.schedule(num_inference_steps) if self.variant == "diff" else None
+        bank = None
+        if schedule is not None:
+            if noise is None:
+                noise = make_noise(seed, window_size, h, w, self.latent_dtype)
+            noise = np.asarray(noise)
+            noise = noise if noise.ndim == 5 else noise[None]
+            if noise.shape[1] < window_size or noise.shape[2:] != (4, h, w):
+                raise ValueError(f"noise shape {noise.shape} must be (1, >={window_size}, 4, {h}, {w})")
+            bank = NoiseBank(noise[:, :window_size].astype(self.latent_dtype), schedule.init_noise_sigma,
+                             overlap, window_size - overlap)
+        latents: np.ndarray | None = None
+        guided = schedule is not None and guidance_scale > 1.0
+        n_calls = len(plan) * (schedule.num_steps if schedule is not None else 1) * (2 if guided else 1)
+        with stages.stage("denoise", n_calls) as tick:
+            for k, (s, e) in enumerate(plan):
+                x = None
+                if bank is not None and schedule is not None:
+                    x = bank.take(e - s)
+                    if k > 0 and overlap > 0:
+                        x = self.renoise(x, latents[:, -overlap:], overlap, schedule)  # type: ignore[index]
+                res = self.denoise_window(cond.slice(s, e), x, schedule, tick, guidance_scale=guidance_scale)
+                latents = stitch(latents, res, overlap if k > 0 else 0)
+        assert latents is not None and latents.shape[1] == t
+        del cond
+        return latents
+
     def __call__(
         self,
         frames: np.ndarray,
@@ -624,42 +676,15 @@ class GeometryCrafter:
             window_size, overlap = t, 0
         self.low_memory_usage = low_memory_usage
         size = (height, width)
-        h, w = height // 8, width // 8
         stages = _Stages(quiet)
 
         with stages.stage("prior", t):
             stats = compute_stats(np.asarray(prior_points, np.float32), np.asarray(prior_mask, bool))
             x4 = prior_to_x4(prior_points, prior_mask, size, stats, nan_guard=nan_guard)
-        with stages.stage("encode", t) as tick:
-            cond = self.encode(frames, x4, size, decode_chunk_size, tick)
+        latents = self.offline_latents(frames, x4, size, window_size=window_size, overlap=overlap,
+                                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                       decode_chunk_size=decode_chunk_size, noise=noise, seed=seed, stages=stages)
         del x4
-
-        plan = window_plan(t, window_size, overlap)
-        schedule = self.schedule(num_inference_steps) if self.variant == "diff" else None
-        bank = None
-        if schedule is not None:
-            if noise is None:
-                noise = make_noise(seed, window_size, h, w, self.latent_dtype)
-            noise = np.asarray(noise)
-            noise = noise if noise.ndim == 5 else noise[None]
-            if noise.shape[1] < window_size or noise.shape[2:] != (4, h, w):
-                raise ValueError(f"noise shape {noise.shape} must be (1, >={window_size}, 4, {h}, {w})")
-            bank = NoiseBank(noise[:, :window_size].astype(self.latent_dtype), schedule.init_noise_sigma,
-                             overlap, window_size - overlap)
-        latents: np.ndarray | None = None
-        guided = schedule is not None and guidance_scale > 1.0
-        n_calls = len(plan) * (schedule.num_steps if schedule is not None else 1) * (2 if guided else 1)
-        with stages.stage("denoise", n_calls) as tick:
-            for k, (s, e) in enumerate(plan):
-                x = None
-                if bank is not None and schedule is not None:
-                    x = bank.take(e - s)
-                    if k > 0 and overlap > 0:
-                        x = self.renoise(x, latents[:, -overlap:], overlap, schedule)  # type: ignore[index]
-                res = self.denoise_window(cond.slice(s, e), x, schedule, tick, guidance_scale=guidance_scale)
-                latents = stitch(latents, res, overlap if k > 0 else 0)
-        assert latents is not None and latents.shape[1] == t
-        del cond
 
         with stages.stage("decode", t) as tick:
             a, dl, vl = self.decode(self.latents_to_z(latents), decode_chunk_size, tick)

@@ -175,3 +175,26 @@ def test_process_with_run_py_options(tmp_path_factory: pytest.TempPathFactory, c
     assert data["point_map"].shape == (T, H0, W0, 3) and data["mask"].shape == (T, H0, W0)
     assert np.isfinite(data["point_map"].astype(np.float32)).all()
     assert "Elapsed time for denoise:" in res.stdout
+
+
+def test_process_and_batch_take_their_defaults_from_process_options() -> None:
+    """One place for the offline defaults: both front ends parse to ProcessOptions() (issue #13)."""
+    import argparse
+
+    from daemon.commands import batch, process
+    from daemon.offline.options import ProcessOptions
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    process.register(sub)
+    batch.register(sub)
+    want = ProcessOptions(model_dir="m")
+    got_p = ProcessOptions.from_args(parser.parse_args(["process", "v.mp4", "--model-dir", "m", "--out", "o.npz"]))
+    got_b = ProcessOptions.from_args(parser.parse_args(["batch", "v.mp4", "--model-dir", "m", "--out", "o"]))
+    assert got_p == want and got_b == want
+    flags = ["--window-size", "7", "--overlap", "2", "--guidance-scale", "1.5", "--downsample-ratio", "2",
+             "--no-force-fixed-focal", "--decode-chunk-size", "3"]
+    p = ProcessOptions.from_args(parser.parse_args(["process", "v.mp4", "--model-dir", "m", "--out", "o.npz", *flags]))
+    b = ProcessOptions.from_args(parser.parse_args(["batch", "v.mp4", "--model-dir", "m", "--out", "o", *flags]))
+    assert p == b and (p.window, p.overlap, p.guidance_scale, p.downsample_ratio) == (7, 2, 1.5, 2.0)
+    assert not p.force_fixed_focal and p.decode_chunk == 3

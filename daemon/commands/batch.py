@@ -24,7 +24,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from daemon.offline.batch import MANIFEST, Manifest, UsageError, expand_inputs, is_complete, output_paths, run_serial
-from daemon.offline.worker import BatchWorker, ProcessOptions, VideoResult
+from daemon.commands.process import add_processing_options
+from daemon.offline.options import ProcessOptions
+from daemon.offline.worker import BatchWorker, VideoResult
 
 log = logging.getLogger(__name__)
 
@@ -45,43 +47,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --ray local: GPUs the local cluster announces (logical ones on a CPU box)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.add_argument("--model-dir", type=Path, required=True, help="model folder (merged official layout)")
-    p.add_argument("--variant", choices=("diff", "determ"), default="diff", help="UNet variant (default diff)")
-    p.add_argument("--height", type=int, default=0, help="processing height, multiple of 64 (default: source)")
-    p.add_argument("--width", type=int, default=0, help="processing width, multiple of 64 (default: source)")
-    p.add_argument("--window", type=int, default=110, help="window size in frames (default 110)")
-    p.add_argument("--overlap", type=int, default=25, help="window overlap in frames (default 25)")
-    p.add_argument("--steps", type=int, default=5, help="denoising steps, diff variant (default 5)")
-    p.add_argument("--decode-chunk", type=int, default=8, help="frames per encoder/decoder call (default 8)")
-    p.add_argument("--stride", type=int, default=1, help="use every N-th frame (default 1)")
-    p.add_argument("--max-frames", type=int, default=-1, help="process at most N frames (default all)")
-    p.add_argument("--seed", type=int, default=42, help="noise seed (default 42)")
-    p.add_argument("--low-memory", action="store_true", help="keep big tensors on the host")
-    p.add_argument("--dtype", choices=("auto", "fp16", "fp32"), default="auto",
-                   help="network precision (auto = fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device of the MoGe prior")
-    p.add_argument("--prior-python", default="", help="interpreter for the MoGe sidecar (default: this one)")
+    add_processing_options(p)
     p.set_defaults(func=run)
 
 
 # ---- running ---------------------------------------------------------------------------------------------
 def options_from_args(args: argparse.Namespace) -> ProcessOptions:
-    return ProcessOptions(model_dir=str(args.model_dir), variant=args.variant, height=args.height,
-                          width=args.width, window=args.window, overlap=args.overlap, steps=args.steps,
-                          decode_chunk=args.decode_chunk, stride=args.stride, max_frames=args.max_frames,
-                          seed=args.seed, low_memory=args.low_memory, dtype=args.dtype, device=args.device,
-                          prior_python=args.prior_python)
+    return ProcessOptions.from_args(args)
 
 
 def _validate(args: argparse.Namespace) -> None:
     if not args.model_dir.is_dir():
         raise UsageError(f"model folder not found: {args.model_dir}")
-    for name in ("window", "decode_chunk", "stride", "steps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0 <= args.overlap < args.window:
-        raise UsageError(f"--overlap must be in [0, --window) = [0, {args.window}), got {args.overlap}")
-    if (args.height > 0) != (args.width > 0) or args.height % 64 or args.width % 64:
-        raise UsageError("give both --height and --width as multiples of 64, or neither")
+    ProcessOptions.from_args(args).check()
     if args.gpus_per_worker < 0 or args.workers < 0:
         raise UsageError("--workers and --gpus-per-worker must be >= 0")
     from daemon.weights.tiny import missing_parts

@@ -18,6 +18,7 @@ Deviation (opt-in, spec 7.5): with ``nan_guard`` the log-depth of *invalid* pixe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,6 +140,77 @@ def _compute_stats_literal(points: np.ndarray, mask: np.ndarray, s: np.float32) 
     return PriorStats(scale=s, lo=np.float32(lo), hi=np.float32(hi))
 
 
+class StatsAccumulator:
+    """:func:`compute_stats` fed one frame at a time, with the same float32 result and no frame kept.
+
+    Per frame it keeps the float64 sum of z * valid, the valid count and the two order statistics of the
+    valid depths that the 1 %/99 % disparity quantiles pick (their ranks depend only on the frame's valid
+    count). Dividing by s > 0 is monotone in floating point, so the k-th smallest of z / s is the k-th
+    smallest z divided by s: the quantiles follow once s is known. A non-finite s (a NaN/inf depth) takes
+    the literal formulas, which need the frames again: ``finish`` asks ``reread(i)`` for them.
+    """
+
+    def __init__(self) -> None:
+        self._num = np.float64(0.0)
+        self._count = 0
+        self._pixels = 0
+        self._n = 0
+        self._order: list[tuple[np.float32 | None, np.float32 | None]] = []
+
+    def add(self, z: np.ndarray, valid: np.ndarray) -> None:
+        """One frame: z (H,W) float32 prior depth, valid (H,W) bool."""
+        z = np.asarray(z, np.float32)
+        valid = np.asarray(valid, bool)
+        n = valid.size
+        if self._n and n != self._n:
+            raise ValueError(f"prior frame has {n} pixels, the clip started with {self._n}")
+        self._n = n
+        buf = np.multiply(z, valid, dtype=np.float32)
+        self._num += np.add.reduce(buf, axis=None, dtype=np.float64)
+        nv = int(np.count_nonzero(valid))
+        self._count += nv
+        self._pixels += n
+        lost = bool(np.isnan(self._num) or self._num == np.inf)  # s will be non-finite: literal path
+        zv = z[valid]
+        order: list[np.float32 | None] = []
+        for q in (Q_LO, Q_HI):
+            j = _rank(q, n) - (n - nv)
+            order.append(None if j < 0 or lost else kth_smallest(zv, zv.size - 1 - j))
+        self._order.append((order[0], order[1]))
+
+    @property
+    def frames(self) -> int:
+        return len(self._order)
+
+    def finish(self, reread: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None) -> PriorStats:
+        if not self._order:
+            raise ValueError("no prior frames")
+        s = np.float32(self._num / self._pixels) / (np.float32(self._count / self._pixels) + np.float32(1e-8))
+        s = np.float32(max(s, np.float32(1e-3)))
+        if not np.isfinite(s):
+            if reread is None:
+                raise ValueError("the prior has non-finite depths: the statistics need the frames again")
+            lo_l, hi_l = [], []
+            for i in range(len(self._order)):
+                z, valid = reread(i)
+                d = _disparity(np.asarray(z, np.float32), np.asarray(valid, bool).astype(np.float32), s)
+                lo_l.append(resample.quantile_nearest(d, Q_LO))
+                hi_l.append(resample.quantile_nearest(d, Q_HI))
+            return PriorStats(scale=s, lo=np.float32(min(lo_l)), hi=np.float32(max(hi_l)))
+        lo, hi = [], []
+        for a, b in self._order:
+            qs = []
+            for z in (a, b):
+                if z is None:
+                    qs.append(np.float32(0.0))
+                else:
+                    zs = np.divide(np.float32(z), s, dtype=np.float32)
+                    qs.append((np.float32(1.0) / np.maximum(zs, np.float32(1e-3))).astype(np.float32))
+            lo.append(qs[0])
+            hi.append(qs[1])
+        return PriorStats(scale=s, lo=np.float32(min(lo)), hi=np.float32(max(hi)))
+
+
 def prior_to_x4(
     points: np.ndarray,
     mask: np.ndarray,
@@ -159,6 +231,22 @@ def prior_to_x4(
         raise ValueError(f"prior size {h0}x{w0} must be even in both dimensions (spec 7.7)")
     points = np.asarray(points, np.float32)
     mask = np.asarray(mask, bool)
+    return prior_to_x4_frames(lambda i: (points[i], mask[i]), t, (h0, w0), size, stats, nan_guard, chunk)
+
+
+def prior_to_x4_frames(
+    frame: Callable[[int], tuple[np.ndarray, np.ndarray]],
+    t: int,
+    src: tuple[int, int],
+    size: tuple[int, int],
+    stats: PriorStats,
+    nan_guard: bool = False,
+    chunk: int = 4,
+) -> np.ndarray:
+    """:func:`prior_to_x4` on ``t`` frames fetched one at a time: ``frame(i)`` = (points (H0,W0,3) f32, mask
+    (H0,W0) bool) of frame i, so the source-size priors need not be in memory together (offline runs read
+    them back from a spill file, daemon/offline/spill.py). Same float32 values as :func:`prior_to_x4`."""
+    h0, w0 = src
     h, w = int(size[0]), int(size[1])
     resize = (h0, w0) != (h, w)
     x4 = np.empty((t, 4, h, w), np.float32)
@@ -176,7 +264,9 @@ def prior_to_x4(
         n = min(c, t - s0)
         for j in range(n):
             i = s0 + j
-            pts, valid = points[i], mask[i]
+            pts, valid = frame(i)
+            pts = np.asarray(pts, np.float32)
+            valid = np.asarray(valid, bool)
             zlog, d, m = maps[0, j], maps[1, j], maps[2, j]
             # step 1: mask in {-1, 1}
             np.multiply(valid, _F(2.0), out=m)

@@ -1,37 +1,27 @@
-"""Offline GeometryCrafter on one decoded clip, upstream semantics (run.py, spec 4.1/4.7): the library behind `geometryd process`."""
+"""`geometryd process` as a library: options -> daemon.offline.run (the one offline code path) -> the npz
+or MCAP, PLY, PNG depth and preview sinks. Upstream semantics (run.py, spec 4.1/4.7)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
-import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from daemon.depth_colour import colourise
-from daemon.intrinsics import normalise_pixel_intrinsics
-from daemon.model.downsample import downsample_frames, downsampled_size, quantize_frames, upsample_output
-from daemon.offline.ply import write_ply_sequence
+from daemon.jittor_env import import_jittor
+from daemon.offline.options import ProcessOptions, UsageError
+from daemon.offline.outputs import McapSink, NpzSink, PlySink, PngDepthSink, SourceColours
+from daemon.offline.priors import PRIOR_RING_BYTES, PriorClient, prior_ring_slots
+from daemon.offline.run import OutputChunk, OutputSink, run_video
+from daemon.pipeline import GeometryCrafter
+from daemon.video import read_frames
 
 log = logging.getLogger(__name__)
 
-
-class UsageError(ValueError):
-    """Bad arguments or inputs (exit 2)."""
-
-
-PRIOR_RING_BYTES = 512 << 20  # shared-memory budget of the prior ring (frame + points + mask per slot)
-
-
-def prior_ring_slots(height: int, width: int, most: int = 16) -> int:
-    """Ring slots for the offline prior: at most ``most``, fewer for big frames (a 3840x2160 slot is
-    133 MB: 3 slots instead of 16 keep the ring at 0.4 GB instead of 2.1 GB)."""
-    per_slot = height * width * (3 + 12 + 1)
-    return max(1, min(most, PRIOR_RING_BYTES // per_slot))
+__all__ = ["PRIOR_RING_BYTES", "UsageError", "prior_ring_slots", "process_file"]
 
 
 def network_dtype(choice: str) -> str:
@@ -75,120 +65,85 @@ def write_png_depth(folder: Path, depth: np.ndarray, mask: np.ndarray) -> list[P
     return paths
 
 
+class PreviewSink:
+    """The colourised disparity preview: keeps depth and mask (4 + 1 bytes per output pixel and frame) and
+    decodes the input again at the end (``write_preview`` needs the clip-global disparity range)."""
+
+    def __init__(self, path: Path, video: Path, opts: ProcessOptions) -> None:
+        self.path, self.video, self.opts = path, video, opts
+        self._depth: np.ndarray | None = None
+        self._mask: np.ndarray | None = None
+        self._fps = 0.0
+
+    def begin(self, frames: int, height: int, width: int, fps: float) -> None:
+        self._depth = np.empty((frames, height, width), np.float32)
+        self._mask = np.empty((frames, height, width), bool)
+        self._fps = fps
+
+    def add(self, chunk: OutputChunk) -> None:
+        assert self._depth is not None and self._mask is not None
+        self._depth[chunk.start : chunk.start + len(chunk.depth)] = chunk.depth
+        self._mask[chunk.start : chunk.start + len(chunk.mask)] = chunk.mask
+
+    def end(self) -> None:
+        assert self._depth is not None and self._mask is not None
+        frames, _ = read_frames(self.video, stride=self.opts.stride, max_frames=self.opts.max_frames)
+        write_preview(self.path, frames, self._depth, self._mask, self._fps)
+        self._depth = self._mask = None
+
+    def abort(self) -> None:
+        self._depth = self._mask = None
+
+
 def mcap_source_name(video: Path) -> str:
     """The topic prefix of a processed file: its stem, reduced to a source name's characters."""
     name = re.sub(r"[^A-Za-z0-9_-]", "_", video.stem)[:32]
     return name or "video"
 
 
-def write_mcap(path: Path, source: str, frames: np.ndarray, out: Any, fps: float, stride: int) -> Path:
-    """The daemon's MCAP channels (daemon/stages/publish_mcap.py, [mcap] defaults) for a whole clip; frame i
-    at pts ``i * stride / fps``. Written to a temp name and renamed."""
-    from daemon.config import McapConfig
-    from daemon.frames import FrameResult
-    from daemon.stages.publish_mcap import McapFile
-    from daemon.wire import foxglove as fx
+def output_sinks(args: argparse.Namespace, opts: ProcessOptions) -> list[OutputSink]:
+    """The outputs `geometryd process` writes: the npz or MCAP file, PLY frames, PNG depth frames, preview."""
+    def colours() -> SourceColours:
+        return SourceColours(args.video, opts.stride, opts.max_frames)
 
-    cfg = McapConfig()
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    f = McapFile(tmp, cfg.compression)
-    try:
-        for i in range(out.depth.shape[0]):
-            res = FrameResult(i, 0, out.point_map[i], out.depth[i], out.mask[i],
-                              tuple(float(v) for v in out.intrinsics[i]))  # type: ignore[arg-type]
-            pts = i * stride / fps if fps else float(i)
-            log_ns, messages = fx.frame_messages(source, res, pts, stride=cfg.points_stride,
-                                                 image=frames[i] if cfg.colour else None)
-            f.write(log_ns, messages, fx.channel_metadata(res))
-    finally:
-        f.close()
-    os.replace(tmp, path)
-    return path
-
-
-def known_intrinsics(args: argparse.Namespace, height: int, width: int) -> tuple[float, ...] | None:
-    """``--intrinsics`` (pixels of the decoded video) -> the normalised form, checked against its size."""
-    if getattr(args, "intrinsics", None) is None:
-        return None
-    try:
-        return normalise_pixel_intrinsics(args.intrinsics, height, width)
-    except ValueError as exc:
-        raise UsageError(f"--intrinsics: {exc}") from exc
+    out: list[OutputSink] = []
+    if args.out is not None and args.out.suffix == ".mcap":
+        out.append(McapSink(args.out, mcap_source_name(args.video), opts.stride, colours()))
+    elif args.out is not None:
+        out.append(NpzSink(args.out))
+    if getattr(args, "ply_dir", None) is not None:
+        out.append(PlySink(args.ply_dir, colours()))
+    if args.png_depth is not None:
+        out.append(PngDepthSink(args.png_depth))
+    if args.preview is not None:
+        out.append(PreviewSink(args.preview, args.video, opts))
+    return out
 
 
 def process_file(args: argparse.Namespace) -> int:
     """Decode ``args.video``, run priors and GeometryCrafter, write ``args.out`` (+ PNG depth / preview)."""
-    from daemon.video import VideoError, read_frames
+    opts = ProcessOptions.from_args(args)
+    model_dir = Path(opts.model_dir)
+    loaded: list[GeometryCrafter] = []
 
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    try:
-        frames, fps = read_frames(args.video, stride=args.stride, max_frames=args.max_frames)
-    except VideoError as exc:
-        raise UsageError(str(exc)) from exc
-    timings["decode_video"] = time.perf_counter() - t0
-    t, h0, w0 = frames.shape[:3]
-    height, width = (args.height, args.width) if args.height else (h0, w0)
-    if height % 64 or width % 64:
-        raise UsageError(f"source size {w0}x{h0} is not a multiple of 64: give --height and --width")
-    if h0 % 2 or w0 % 2:
-        raise UsageError(f"source size {w0}x{h0} must be even in both dimensions")
-    if not 0.5 <= width / height <= 2.0:
-        raise UsageError(f"processing aspect ratio {width}x{height} is outside [0.5, 2]")
-    intrinsics = known_intrinsics(args, h0, w0)
-    source = frames
-    if args.downsample_ratio > 1.0:  # run.py: after choosing the processing size, before the pipeline
-        hs, ws = downsampled_size(h0, w0, args.downsample_ratio)
-        if hs < 2 or ws < 2 or hs % 2 or ws % 2:
-            raise UsageError(f"--downsample-ratio {args.downsample_ratio} gives frames {ws}x{hs}: "
-                             "both must be even and >= 2")
-        source = downsample_frames(frames, args.downsample_ratio)
+    def model() -> GeometryCrafter:
+        if not loaded:
+            import_jittor()
+            loaded.append(GeometryCrafter.from_pretrained(model_dir, variant=opts.variant,
+                                                          dtype=network_dtype(opts.dtype)))
+        return loaded[0]
 
-    from daemon.stages.prior import run_priors
-
-    t0 = time.perf_counter()
-    prior_frames = quantize_frames(source) if source is not frames else frames
-    slots = prior_ring_slots(h0, w0)
-    points, mask = run_priors(prior_frames, args.model_dir / "moge" / "model.pt", device=args.device,
-                              fp16=False, resolution_level=9, python=args.prior_python or None,
-                              chunk=min(args.decode_chunk, slots), n_slots=slots)
-    timings["prior_moge"] = time.perf_counter() - t0
-    log.info("priors for %d frames in %.1f s", t, timings["prior_moge"])
-
-    from daemon.pipeline import GeometryCrafter
-
-    t0 = time.perf_counter()
-    dtype = network_dtype(args.dtype)
-    gc = GeometryCrafter.from_pretrained(args.model_dir, variant=args.variant, dtype=dtype)
-    timings["load_model"] = time.perf_counter() - t0
-    out = gc(source, points, mask, height=height, width=width, window_size=args.window, overlap=args.overlap,
-             num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-             decode_chunk_size=args.decode_chunk, force_projection=args.force_projection,
-             force_fixed_focal=args.force_fixed_focal, use_extract_interp=args.use_extract_interp,
-             track_time=args.track_time, low_memory_usage=args.low_memory, seed=args.seed,
-             intrinsics=intrinsics)
-    timings.update(out.timings)
-    if source is not frames:
-        out.point_map, out.mask = upsample_output(out.point_map, out.mask, (h0, w0))
-        out.depth = np.ascontiguousarray(out.point_map[..., 2])
-
-    t0 = time.perf_counter()
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        if args.out.suffix == ".mcap":
-            write_mcap(args.out, mcap_source_name(args.video), frames, out, fps, args.stride)
-        else:
-            np.savez(args.out, point_map=out.point_map.astype(np.float16), mask=out.mask.astype(bool))
-    if getattr(args, "ply_dir", None) is not None:
-        write_ply_sequence(args.ply_dir, out.point_map, frames, out.mask)
-    if args.png_depth is not None:
-        write_png_depth(args.png_depth, out.depth, out.mask)
-    if args.preview is not None:
-        write_preview(args.preview, frames, out.depth, out.mask, fps)
-    timings["write"] = time.perf_counter() - t0
+    with PriorClient(model_dir / "moge" / "model.pt", device=opts.device, python=opts.prior_python,
+                     chunk=opts.decode_chunk) as priors:
+        clip, timings = run_video(model, priors, args.video, opts, lambda _clip: output_sinks(args, opts),
+                                  quiet=False)
+    if opts.track_time:
+        for name in ("prior", "encode", "denoise", "decode", "post"):
+            if name in timings:
+                print(f"Elapsed time for {name}: {timings[name] * 1e3:.1f} ms")
     summary = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
+    h0, w0 = clip.out
     target = args.out if args.out is not None else args.ply_dir
-    log.info("wrote %s (%d frames %dx%d); %s", target, t, w0, h0, summary)
-    print(f"{target}: {t} frames {w0}x{h0} ({summary})")
+    log.info("wrote %s (%d frames %dx%d); %s", target, clip.t, w0, h0, summary)
+    print(f"{target}: {clip.t} frames {w0}x{h0} ({summary})")
     return 0

@@ -1,56 +1,35 @@
 """One batch worker: the model loaded once, then one video file after another (`geometryd batch`).
 
-Same stages and parameters as `geometryd process` (daemon/offline/process.py): PyAV decode -> MoGe priors through the
-real sidecar process -> ``GeometryCrafter.__call__`` -> ``point_map`` float16 / ``mask`` bool npz. The
-difference is lifetime: the Jittor networks and the sidecar are started once per worker (a Ray actor, or the
-CLI process when serial) and reused for every video. The sidecar's asyncio supervisor runs on an event loop
-in a background thread, so its health pings keep running between videos.
+The same code path as `geometryd process` (daemon/offline/run.py, options daemon/offline/options.py): streamed
+PyAV decode -> MoGe priors through the real sidecar process -> GeometryCrafter -> ``point_map`` float16 /
+``mask`` bool npz. The difference is lifetime: the Jittor networks and the sidecar are started once per
+worker (a Ray actor, or the CLI process when serial) and reused for every video.
 
 A failing video raises :class:`VideoFailed` with a one-line message; the worker stays usable.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import itertools
 import logging
-import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from daemon.jittor_env import import_jittor
+from daemon.offline.options import ProcessOptions, UsageError
+from daemon.offline.outputs import NpzSink
+from daemon.offline.priors import PriorClient
+from daemon.offline.run import run_video
+from daemon.pipeline import GeometryCrafter
 
 log = logging.getLogger(__name__)
 
-_ring_ids = itertools.count()
+__all__ = ["BatchWorker", "ProcessOptions", "VideoFailed", "VideoResult"]
 
 
 class VideoFailed(RuntimeError):
     """This input cannot be processed (bad file, unsupported size...); the message is one line."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ProcessOptions:
-    """The processing options of `geometryd process` (same names, same defaults)."""
-
-    model_dir: str
-    variant: str = "diff"
-    height: int = 0
-    width: int = 0
-    window: int = 110
-    overlap: int = 25
-    steps: int = 5
-    decode_chunk: int = 8
-    stride: int = 1
-    max_frames: int = -1
-    seed: int = 42
-    low_memory: bool = False
-    dtype: str = "auto"
-    device: str = "auto"
-    prior_python: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,24 +46,14 @@ class VideoResult:
         return dataclasses.asdict(self)
 
 
-def write_npz_atomic(path: Path, point_map: np.ndarray, mask: np.ndarray) -> None:
-    """Write ``<path>`` through a temporary name: an existing npz is always complete (resumable batches)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, point_map=point_map.astype(np.float16), mask=mask.astype(bool))
-    os.replace(tmp, path)
-
-
 class BatchWorker:
     """Holds the GeometryCrafter networks and one prior sidecar; :meth:`process` runs one video."""
 
     def __init__(self, opts: ProcessOptions, name: str = "local") -> None:
         self.opts = opts
         self.name = name
-        self._gc: Any = None
-        self._sidecar: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._gc: GeometryCrafter | None = None
+        self._priors: PriorClient | None = None
         self.load_s = 0.0
 
     # ---- lifetime --------------------------------------------------------------------------------------
@@ -93,45 +62,26 @@ class BatchWorker:
         removed there, daemon.jittor_env). Returns the seconds it took."""
         if self._gc is not None:
             return self.load_s
-        from daemon.jittor_env import import_jittor
-        from daemon.pipeline import GeometryCrafter
         from daemon.offline.process import network_dtype
-        from daemon.config import PriorConfig
-        from daemon.stages.prior import PriorSidecar
 
         t0 = time.perf_counter()
         import_jittor()
         o = self.opts
         self._gc = GeometryCrafter.from_pretrained(o.model_dir, variant=o.variant, dtype=network_dtype(o.dtype))
-        ckpt = Path(o.model_dir) / "moge" / "model.pt"
-        settings = PriorConfig(checkpoint=str(ckpt), python=o.prior_python, device=o.device, fp16=False,
-                               resolution_level=9, request_timeout_s=3600.0)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="batch-prior-loop", daemon=True)
-        self._thread.start()
-        self._sidecar = PriorSidecar(settings, ckpt, chunk=o.decode_chunk)
-        self._call(self._sidecar.start())
+        self._priors = PriorClient(Path(o.model_dir) / "moge" / "model.pt", device=o.device,
+                                   python=o.prior_python, chunk=o.decode_chunk)
+        self._priors.start()
         self.load_s = time.perf_counter() - t0
         log.info("batch worker ready", extra={"worker": self.name, "seconds": round(self.load_s, 2)})
         return self.load_s
 
     def close(self) -> None:
-        if self._loop is None:
-            return
-        if self._sidecar is not None:
+        if self._priors is not None:
             try:
-                self._call(self._sidecar.stop())
+                self._priors.close()
             except Exception as exc:  # noqa: BLE001 - best effort at shutdown
                 log.warning("sidecar stop failed: %s", exc)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(5)
-        self._loop.close()
-        self._loop = None
-
-    def _call(self, coro: Any) -> Any:
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+            self._priors = None
 
     # ---- one video -------------------------------------------------------------------------------------
     def process(self, video: str, out: str) -> VideoResult:
@@ -146,53 +96,11 @@ class BatchWorker:
         return VideoResult(video, out, "ok", frames, time.perf_counter() - t0, None, self.name)
 
     def _run(self, video: Path, out: Path) -> int:
-        from daemon.video import VideoError, read_frames
-
         self.start()
-        o = self.opts
+        assert self._gc is not None and self._priors is not None
+        gc = self._gc
         try:
-            frames, _fps = read_frames(video, stride=o.stride, max_frames=o.max_frames)
-        except VideoError as exc:
+            clip, _ = run_video(lambda: gc, self._priors, video, self.opts, lambda _clip: [NpzSink(out)])
+        except UsageError as exc:
             raise VideoFailed(str(exc)) from exc
-        if len(frames) == 0:
-            raise VideoFailed(f"no frames decoded from {video}")
-        t, h0, w0 = frames.shape[:3]
-        height, width = (o.height, o.width) if o.height else (h0, w0)
-        if height % 64 or width % 64:
-            raise VideoFailed(f"source size {w0}x{h0} is not a multiple of 64: give --height and --width")
-        if h0 % 2 or w0 % 2:
-            raise VideoFailed(f"source size {w0}x{h0} must be even in both dimensions")
-        if not 0.5 <= width / height <= 2.0:
-            raise VideoFailed(f"processing aspect ratio {width}x{height} is outside [0.5, 2]")
-        points, mask = self._call(self._priors(frames))
-        res = self._gc(frames, points, mask, height=height, width=width, window_size=o.window,
-                       overlap=o.overlap, num_inference_steps=o.steps, decode_chunk_size=o.decode_chunk,
-                       low_memory_usage=o.low_memory, seed=o.seed, quiet=True)
-        write_npz_atomic(out, res.point_map, res.mask)
-        return t
-
-    async def _priors(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The priors of every frame through the worker's sidecar (as daemon.stages.prior.run_priors)."""
-        from daemon.shm import FrameRing
-
-        t, h, w, _ = frames.shape
-        points = np.empty((t, h, w, 3), np.float32)
-        mask = np.empty((t, h, w), bool)
-        n_slots = max(1, min(16, t))
-        ring = FrameRing.create(f"batch{next(_ring_ids)}", n_slots, h, w)
-        try:
-            for start in range(0, t, n_slots):
-                refs = [ring.write_frame(frames[i], i, float(i)) for i in range(start, min(t, start + n_slots))]
-                await self._sidecar.compute(ring, refs)
-                for ref in refs:
-                    points[ref.frame_index] = ring.prior_points(ref)
-                    mask[ref.frame_index] = ring.prior_mask(ref)
-                    ring.release(ref)
-        finally:
-            try:
-                await self._sidecar.detach(ring.name)
-            except Exception:  # noqa: BLE001 - the ring goes away anyway
-                pass
-            ring.close()
-            ring.unlink()
-        return points, mask
+        return clip.t
