@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from daemon import pipeline as P  # noqa: E402
-from daemon import resample  # noqa: E402
+from daemon.model import resample  # noqa: E402
 from daemon.model.scheduler import make_schedule  # noqa: E402
 from daemon.model.prior_post import Q_HI, Q_LO, compute_stats, prior_to_x4  # noqa: E402
 
@@ -352,6 +352,9 @@ def _size(s: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--short" in argv:  # `geometryd bench --glue --short`: the CI-sized window
+        argv = [*SHORT_ARGS, *(a for a in argv if a != "--short")]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", type=_size, default=[(384, 640), (576, 1024)])
     ap.add_argument("--window", type=int, default=110)

@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     results = args.results or (REPO / "bench" / "results" / ("short" if args.short else ""))
     suite = run_suite(args.short, results.resolve(), args.skip_components)
-    print(f"suite {'ok' if suite['ok'] else 'FAILED'} in {suite['wall_s']} s; report: {suite['report']}")
+    status = "ok" if suite["ok"] else "FAILED (see suite.json)"
+    print(f"geometryd bench: {status} in {suite['wall_s']} s; results in {results}; report: {suite['report']}")
     return 0 if suite["ok"] else 1
 
 

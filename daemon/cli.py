@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from daemon import __version__
+
 # subcommand -> (module, one-line help), in the order shown by --help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("daemon.commands.run", "run the streaming daemon (sources -> geometry -> MQTT/files)"),
@@ -30,8 +32,6 @@ COMMAND_MODULES: list[str] = [module for module, _ in COMMANDS.values()]
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser when ``command`` is None (imports every command module), else just that command's."""
-    from daemon import __version__
-
     parser = argparse.ArgumentParser(
         prog="geometryd",
         description="Video -> temporally consistent depth and point maps (GeometryCrafter), over MQTT.",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -116,8 +117,6 @@ def _libc() -> ctypes.CDLL:
 
 def save_signal_dispositions() -> dict[int, ctypes.Array[ctypes.c_char]]:
     """The raw ``struct sigaction`` of each guarded signal, as the kernel holds it now."""
-    import signal
-
     libc = _libc()
     saved = {}
     for name in _GUARDED_SIGNALS:

@@ -40,12 +40,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from tqdm import tqdm
 
-from daemon.model import resample
-from daemon.model.scheduler import EulerKarrasSchedule, load_scheduler_config, schedule_from_config
-from daemon.model.prior_post import PriorStats, compute_stats, prior_to_x4
-from daemon.model.streaming_stats import FrameNorm, PolicyParams, StreamStats, follow_focal
 from daemon.frames import FrameResult
+from daemon.model import resample
+from daemon.model.prior_post import PriorStats, compute_stats, prior_to_x4
+from daemon.model.scheduler import EulerKarrasSchedule, load_scheduler_config, schedule_from_config
+from daemon.model.streaming_stats import FrameNorm, PolicyParams, StreamStats, follow_focal
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,6 @@ class _Stages:
     def stage(self, name: str, total: int) -> Iterator[Any]:
         bar = None
         if self._tty:
-            from tqdm import tqdm
-
             bar = tqdm(total=total, desc=name, leave=False, unit="it")
         t0 = time.perf_counter()
         try:
@@ -429,7 +428,10 @@ class GeometryCrafter:
         if not sched.is_file():
             raise FileNotFoundError(f"model folder {model_dir} is missing scheduler/scheduler_config.json")
         pre_cfg = json.loads(pre.read_text())
-        from daemon.model import load_clip, load_point_map_vae, load_svd_vae, load_unet
+        # the networks import Jittor at their top: loaded here, so that the host-side numerics do not need it
+        from daemon.model.clip import load_clip
+        from daemon.model.unet import load_unet
+        from daemon.model.vae import load_point_map_vae, load_svd_vae
 
         t0 = time.perf_counter()
         gc = cls(

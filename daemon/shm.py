@@ -28,6 +28,7 @@ import logging
 import mmap
 import os
 import re
+import shutil
 import threading
 import time
 from collections import deque
@@ -122,8 +123,6 @@ def ring_bytes(n_slots: int, height: int, width: int) -> int:
 def check_shm_room(needed: int, shm_dir: Path = SHM_DIR) -> None:
     """Refuse to start when ``shm_dir`` cannot hold ``needed`` bytes: segments are sparse, so a full tmpfs
     would only show up later as SIGBUS on a frame write."""
-    import shutil
-
     free = shutil.disk_usage(shm_dir).free
     if free < needed:
         raise ShmError(f"shared memory: the rings need {needed / 2**20:.1f} MiB in {shm_dir} but only "
@@ -138,7 +137,7 @@ def segment_name(source: str, pid: int | None = None) -> str:
     return f"{PREFIX}{os.getpid() if pid is None else pid}-{source}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True if a process with this pid exists and is not a zombie."""
     try:
         os.kill(pid, 0)
@@ -169,7 +168,7 @@ def cleanup_stale_segments(shm_dir: Path = SHM_DIR) -> list[str]:
         return removed
     for name in entries:
         m = _NAME_RE.match(name)
-        if m is None or _pid_alive(int(m.group(1))):
+        if m is None or pid_alive(int(m.group(1))):
             continue
         try:
             _shm_unlink(name)

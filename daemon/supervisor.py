@@ -25,11 +25,19 @@ from pathlib import Path
 from typing import Any
 
 from daemon import sdnotify
+from daemon.http import HttpServer
+from daemon.http_guard import ConnectionLimits
 from daemon.metrics import Metrics
 from daemon.progress import STALLED, ProgressMonitor
+from daemon.shm import FrameRing, check_shm_room, cleanup_stale_segments, ring_bytes
+from daemon.stages.geometry import GeometryWorker, ProcessorSpec, SessionParams, WorkerPolicy
+from daemon.stages.prior import PriorSidecar, cleanup_stale_prior_dirs
+from daemon.stages.publish_files import FileSink
+from daemon.stages.publish_mqtt import MqttPublisher
 from daemon.stages.runner import Collaborators, SourceRunner
 from daemon.stages.window import Admission, ring_slots
 from daemon.status import LagStats, quantiles
+from daemon.viewer.setup import build_web
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +152,9 @@ class Daemon:
     async def _startup(self, stack: contextlib.AsyncExitStack) -> None:
         cfg = self.cfg
         if cfg.http.enabled:
-            from daemon.http import HttpServer
-            from daemon.viewer.setup import build_web
-
             self.webrtc, self.hub, web_setup = build_web(cfg, self.metrics)  # WHIP ingest + live viewer
             stack.push_async_callback(self.webrtc.close)
             stack.push_async_callback(self.hub.close)
-            from daemon.http_guard import ConnectionLimits
 
             h = cfg.http
             limits = ConnectionLimits(h.header_timeout_s, h.idle_timeout_s, h.max_connections)
@@ -158,10 +162,6 @@ class Daemon:
                               web_setup, limits)
             await stack.enter_async_context(http)
             log.info("http listening", extra={"bind": cfg.http.bind, "port": http.port})
-
-        from daemon.shm import FrameRing, check_shm_room, cleanup_stale_segments, ring_bytes
-
-        from daemon.stages.prior import cleanup_stale_prior_dirs
 
         removed = await asyncio.to_thread(cleanup_stale_segments)
         if removed:
@@ -193,8 +193,6 @@ class Daemon:
                                             "slots": n_slots})
 
     async def _start_sidecar(self, stack: contextlib.AsyncExitStack) -> None:
-        from daemon.stages.prior import PriorSidecar
-
         ckpt = self.cfg.prior_checkpoint()
         lg = self.cfg.logging
         self.sidecar = PriorSidecar(self.cfg.prior, ckpt, log_level=lg.level,  # interpreter: prior.python or ours
@@ -208,8 +206,6 @@ class Daemon:
             await self.sidecar.stop()
 
     async def _load_pipeline(self, stack: contextlib.AsyncExitStack) -> None:
-        from daemon.stages.geometry import GeometryWorker, ProcessorSpec, SessionParams, WorkerPolicy
-
         cfg = self.cfg
         params = SessionParams.from_config(cfg.geometry, cfg.streaming)
         if self.identity_delay is not None:
@@ -244,12 +240,8 @@ class Daemon:
         if cfg.mqtt.enabled:
             import aiomqtt  # noqa: F401
         if cfg.mqtt.enabled:
-            from daemon.stages.publish_mqtt import MqttPublisher
-
             self.mqtt = await stack.enter_async_context(MqttPublisher(cfg.mqtt, names, self.metrics))
         if cfg.files.enabled:
-            from daemon.stages.publish_files import FileSink
-
             self.files = FileSink(cfg.files)
             stack.callback(self.files.close)
 

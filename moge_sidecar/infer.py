@@ -26,11 +26,14 @@ pinned code would call the least-squares solver on them (0 points: scipy raises)
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from moge_sidecar.backbones import register_tiny_backbone
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,7 @@ def _forward_v1(model: torch.nn.Module, image: torch.Tensor) -> tuple[torch.Tens
     if remap != "linear":  # pinned forward remaps before any resize; same functions as dlr-moge
         saved, model.remap_output = model.remap_output, remap
         try:
+            # PATCH(dlr-moge==2.0.0): its private remap, with the pinned code's remap mode set for the call
             points = model._remap_points(points)
         finally:
             model.remap_output = saved
@@ -145,10 +149,6 @@ def load_moge(checkpoint: Path, device: str = "cpu", fp16: bool = False, resolut
               version: int = 1) -> MoGePrior:
     """Build MoGe from a local model.pt exactly as `MoGeModel.from_pretrained` does (config -> cls(**config)
     -> load_state_dict), reading the file once. Offline: never calls init_weights / the hub."""
-    import warnings
-
-    from moge_sidecar.tiny import register_tiny_backbone
-
     register_tiny_backbone()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

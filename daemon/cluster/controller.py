@@ -28,9 +28,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import paho.mqtt.client as paho
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from daemon.cluster.assign import assign, relative_load, source_cost
+from daemon.cluster.gpu_actor import GpuActor
+from daemon.cluster.ray_env import ACTOR_CPUS, cluster_gpus, init_ray, shutdown_ray
+from daemon.config import to_toml
+from daemon.http import HttpServer
+from daemon.video import VideoError, probe
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +136,6 @@ class Controller:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig.name)
-        from daemon.config import to_toml
-        from daemon.http import HttpServer
 
         self._cfg_toml = to_toml(self.cfg)
         rc = 0
@@ -153,9 +157,6 @@ class Controller:
         return rc
 
     async def _start(self) -> None:
-        from daemon.cluster.gpu_actor import GpuActor
-        from daemon.cluster.ray_env import ACTOR_CPUS, cluster_gpus, init_ray
-
         cc = self.cc
         self.ray = ray = await asyncio.to_thread(
             init_ray, cc.address, num_cpus=cc.local_cpus or None,
@@ -189,8 +190,6 @@ class Controller:
         g = self.cfg.geometry
         fps = self.cc.default_fps
         if src.type == "file":
-            from daemon.video import VideoError, probe
-
             with contextlib.suppress(VideoError):
                 fps = probe(src.path).fps or fps
         return source_cost(g.width, g.height, fps)
@@ -409,7 +408,6 @@ class Controller:
     async def _mqtt_client(self) -> Any:
         if self._mqtt is None:
             import aiomqtt
-            import paho.mqtt.client as paho
 
             m = self.cfg.mqtt
             tls = aiomqtt.TLSParameters(ca_certs=m.ca_file or None) if m.tls else None
@@ -443,6 +441,4 @@ class Controller:
             with contextlib.suppress(Exception):
                 self.ray.kill(a.handle, no_restart=True)
         if self.ray is not None and self.cc.address == "local":
-            from daemon.cluster.ray_env import shutdown_ray
-
             await asyncio.to_thread(shutdown_ray)

@@ -23,8 +23,20 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from daemon.offline.batch import MANIFEST, Manifest, UsageError, expand_inputs, is_complete, output_paths, run_serial
+from tqdm import tqdm
+
+from daemon.cluster.batch_pool import run_on_ray
+from daemon.offline.batch import (
+    MANIFEST,
+    Manifest,
+    UsageError,
+    expand_inputs,
+    is_complete,
+    output_paths,
+    run_serial,
+)
 from daemon.offline.worker import BatchWorker, ProcessOptions, VideoResult
+from daemon.weights.tiny import missing_parts
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +96,6 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError("give both --height and --width as multiples of 64, or neither")
     if args.gpus_per_worker < 0 or args.workers < 0:
         raise UsageError("--workers and --gpus-per-worker must be >= 0")
-    from daemon.weights.tiny import missing_parts
 
     need = {f"unet_{args.variant}", "point_map_vae", "vae", "image_encoder", "feature_extractor", "scheduler",
             "moge"}
@@ -128,8 +139,6 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         if jobs and args.ray:
-            from daemon.cluster.batch_pool import run_on_ray
-
             run_on_ray(args.ray, options_from_args(args), jobs, on_result, workers=args.workers,
                        gpus_per_worker=args.gpus_per_worker, local_gpus=args.local_gpus)
         elif jobs:
@@ -144,7 +153,6 @@ def run(args: argparse.Namespace) -> int:
 def _progress(total: int, disabled: bool):  # noqa: ANN202 - tqdm or None
     if disabled or not total or not sys.stderr.isatty():
         return None
-    from tqdm import tqdm
 
     return tqdm(total=total, unit="video", file=sys.stderr)
 

@@ -8,9 +8,12 @@ is absent.
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from daemon.jittor_env import detect_cuda
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,29 +45,28 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.gpu:
         script = REPO / "bench" / "gpu" / "run.sh"
         if not args.dry_run_cpu:
-            from daemon.jittor_env import detect_cuda
-
             cuda = detect_cuda()
             if not cuda.driver_ok:
                 print(f"geometryd bench --gpu: no usable CUDA device ({cuda.reason}); "
                       "`geometryd bench --gpu --dry-run-cpu` checks the script on CPU", file=sys.stderr)
                 return 2
         return subprocess.call(["bash", str(script), *(["--dry-run-cpu"] if args.dry_run_cpu else [])], cwd=REPO)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    if args.glue:
-        from bench.bench_glue import SHORT_ARGS
-        from bench.bench_glue import main as glue_main
-
-        out = (args.results or (REPO / "bench" / "results" / ("short" if args.short else ""))) / "glue.json"
-        return glue_main([*(SHORT_ARGS if args.short else []), "--out", str(out)])  # last line: the summary
-    from bench.e2e_cpu import exit_on_sigterm
-    from bench.suite import run_suite
-
-    exit_on_sigterm()
-
+    # bench/ runs as its own scripts: nothing under daemon/ imports bench/ (layout rule 5).
     results = args.results or (REPO / "bench" / "results" / ("short" if args.short else ""))
-    suite = run_suite(args.short, Path(results).resolve(), args.skip_components)
-    status = "ok" if suite["ok"] else "FAILED (see suite.json)"
-    print(f"geometryd bench: {status} in {suite['wall_s']} s; results in {results}; report: {suite['report']}")
-    return 0 if suite["ok"] else 1
+    if args.glue:
+        glue = [sys.executable, str(REPO / "bench" / "bench_glue.py"), *(["--short"] if args.short else []),
+                "--out", str(Path(results) / "glue.json")]
+        return _run(glue)  # last line: the summary
+    suite = [sys.executable, str(REPO / "bench" / "suite.py"), *(["--short"] if args.short else []),
+             "--results", str(Path(results).resolve()), *(["--skip-components"] if args.skip_components else [])]
+    return _run(suite)
+
+
+def _run(cmd: list[str]) -> int:
+    """Run a bench script; SIGTERM is passed on so that the daemon and broker it started are stopped."""
+    proc = subprocess.Popen(cmd, cwd=REPO)
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -26,7 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from daemon.config import write_config
+from daemon.weights.tiny import make_tiny
+from daemon.wire.subscribe import iter_frames
 
 NOTICE = (
     "NOTE: the tiny model has RANDOM weights - the depth maps above are not a prediction, they show that\n"
@@ -57,7 +62,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def synthetic_clip(path: Path, n: int, height: int, width: int, fps: int = 24) -> None:
     """A camera gliding over a textured floor towards a wall, with a box moving across (PyAV, H.264/MPEG-4)."""
     import av
-    import numpy as np
 
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     horizon = height * 0.4
@@ -92,8 +96,6 @@ def synthetic_clip(path: Path, n: int, height: int, width: int, fps: int = 24) -
 
 def turbo(x: Any) -> Any:
     """Google's Turbo colour map (polynomial approximation), x in [0, 1] -> uint8 RGB."""
-    import numpy as np
-
     x = np.clip(x, 0.0, 1.0)[..., None]
     r = (0.13572138, 4.61539260, -42.66032258, 132.13108234, -152.94239396, 59.28637943)
     g = (0.09140261, 2.19418839, 4.84296658, -14.18503333, 4.27729857, 2.82956604)
@@ -105,8 +107,6 @@ def turbo(x: Any) -> Any:
 
 def colourise(depth: Any, valid: Any, lo: float, hi: float) -> Any:
     """Inverse depth mapped to Turbo (near = red); invalid pixels black."""
-    import numpy as np
-
     inv = np.where(valid, 1.0 / np.maximum(depth, 1e-6), 0.0)
     rgb = turbo((inv - lo) / max(hi - lo, 1e-9))
     rgb[~valid] = 0
@@ -116,8 +116,6 @@ def colourise(depth: Any, valid: Any, lo: float, hi: float) -> Any:
 def write_previews(frames: dict[int, Any], clip: Path, out_dir: Path) -> list[Path]:
     """PNG contact sheet (input | depth for up to 8 frames) and an MP4 of the depth sequence."""
     import av
-    import numpy as np
-    from PIL import Image
 
     if not frames:
         return []
@@ -201,7 +199,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if model_dir is None:
         # On the main thread, before the event loop: Jittor's compile pool must belong to the main thread
         # (see daemon.jittor_env.import_jittor), and nothing else runs yet.
-        from daemon.weights.tiny import make_tiny
 
         model_dir = Path("var/tiny-model").resolve()
         _say(f"tiny random-weight model -> {model_dir} (built once, reused)")
@@ -278,10 +275,6 @@ async def _demo(args: argparse.Namespace, model_dir: Path) -> int:
 
 
 async def _start_subscriber(port: int, received: dict[int, Any]) -> tuple[asyncio.Task[None], asyncio.Event]:
-    import numpy as np
-
-    from daemon.wire.subscribe import iter_frames
-
     ready = asyncio.Event()
 
     async def consume() -> None:
@@ -317,8 +310,6 @@ async def _run_daemon(cfg: Path, summary: Path, log_path: Path) -> int:
 
 
 def _frames_from_npz(path: Path) -> dict[int, Any]:
-    import numpy as np
-
     class _F:
         def __init__(self, depth: Any, valid: Any, idx: int, win: int) -> None:
             self.depth, self.depth_valid, self.frame_index, self.window_id = depth, valid, idx, win

@@ -26,6 +26,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from daemon import jittor_patches
+from daemon.jittor_env import JittorEnvError, detect_cuda
+from daemon.jittor_env import check_numpy as _check
+
 log = logging.getLogger(__name__)
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -54,22 +58,16 @@ def check_python() -> Check:
 
 
 def check_numpy() -> Check:
-    from daemon.jittor_env import JittorEnvError, check_numpy as _check
-
     try:
         version = _check()
     except ImportError as exc:
         return Check("numpy", FAIL, f"not importable: {exc}")
     except JittorEnvError as exc:
-        import numpy
-
-        return Check("numpy", FAIL, str(exc), {"version": numpy.__version__})
+        return Check("numpy", FAIL, str(exc), {"version": _dist_version("numpy")})
     return Check("numpy", OK, f"{version} (<2, as Jittor needs)", {"version": version})
 
 
 def check_jittor_package(jittor_dir: Path | None) -> Check:
-    from daemon import jittor_patches
-
     try:
         path = jittor_dir or jittor_patches.installed_jittor_dir()
         version = jittor_patches.jittor_version(path)
@@ -151,8 +149,6 @@ def check_cpu_conv(result: dict | None) -> Check:
 
 
 def check_cuda() -> Check:
-    from daemon.jittor_env import detect_cuda
-
     info = detect_cuda()
     data = asdict(info)
     if info.driver_ok:
@@ -206,8 +202,6 @@ def check_cudnn() -> Check:
 
 
 def check_patches(jittor_dir: Path | None, cuda_ok: bool, release: tuple[int, int] | None) -> Check:
-    from daemon import jittor_patches
-
     try:
         states = jittor_patches.status(jittor_dir)
     except jittor_patches.PatchError as exc:
@@ -386,8 +380,6 @@ def run_checks(jittor_dir: Path | None = None, jittor_timeout_s: float = 900.0,
 
 
 def fix_patches(jittor_dir: Path | None, force: bool, revert: bool) -> list[Check]:
-    from daemon import jittor_patches
-
     try:
         if revert:
             restored = jittor_patches.revert(jittor_dir, force=force)

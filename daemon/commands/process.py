@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from daemon.offline.process import UsageError, process_file
+from daemon.weights.tiny import missing_parts
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,6 @@ def _validate(args: argparse.Namespace) -> None:
         args.out = args.save_folder / f"{args.video.name.split('.')[0]}.npz"  # run.py's file name
     if args.out.suffix != ".npz":
         raise UsageError(f"--out must end in .npz, got {args.out}")
-    from daemon.weights.tiny import missing_parts
 
     need = {f"unet_{args.variant}", "point_map_vae", "vae", "image_encoder", "feature_extractor", "scheduler",
             "moge"}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 import argparse
 import sys
+from pathlib import Path
 
-from daemon.weights.pull import DEFAULT_REVISIONS, PullError, VARIANTS, parse_revisions, pull, pull_plan
+from daemon.weights.manifest import check_model_dir
+from daemon.weights.pull import DEFAULT_REVISIONS, VARIANTS, PullError, parse_revisions, pull, pull_plan
+from daemon.weights.tiny import make_tiny
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -81,8 +83,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _report(root: Path, structure_only: bool, variant: str) -> int:
-    from daemon.weights.manifest import check_model_dir
-
     reports = check_model_dir(root, structure_only=structure_only, variant=variant)
     for r in reports:
         print(r.summary())
@@ -98,8 +98,6 @@ def _report(root: Path, structure_only: bool, variant: str) -> int:
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from daemon.weights.tiny import make_tiny  # lazy: imports torch/diffusers
-
     make_tiny(args.dir, seed=args.seed, force=args.force)
     print(f"tiny model in {args.dir} (seed {args.seed}); random weights make no real predictions")
     return 0

@@ -26,6 +26,8 @@ import math
 import os
 from typing import Any
 
+from daemon.jittor_env import import_jittor
+
 log = logging.getLogger(__name__)
 
 Var = Any  # jittor.Var
@@ -174,7 +176,6 @@ def supports(q: Var, k: Var, v: Var) -> bool:
     within :data:`MAX_HEAD_DIM` and multiples of 4 (float4 shared-memory loads), q/k/v of one dtype."""
     if not _enabled:
         return False
-    from daemon.jittor_env import import_jittor
 
     jt = import_jittor()
     if not jt.flags.use_cuda:
@@ -204,8 +205,6 @@ def fused_attention(q: Var, k: Var, v: Var, scale: float | None = None) -> Var:
 
     Caller checks :func:`supports` first (the op has no CPU source). Lk must be >= 1.
     """
-    from daemon.jittor_env import import_jittor
-
     jt = import_jittor()
     n, lq, d = q.shape
     lk, dv = k.shape[1], v.shape[2]

@@ -29,6 +29,7 @@ from daemon.model.blocks import (
     silu,
     sinusoid,
 )
+from daemon.model.loader import CheckpointError, find_weights, load_into, read_config
 from daemon.model.transformer import TransformerSpatioTemporalModel
 
 jt = import_jittor()
@@ -363,8 +364,6 @@ def load_unet(folder: str | Path, dtype: str = "fp16") -> UNetVid2Vid:
     config and the file disagree, e.g. conv_in is not [block_out_channels[0], in_channels, 3, 3] or the
     model does not predict 4 channels.
     """
-    from daemon.model.loader import CheckpointError, find_weights, load_into, read_config
-
     if dtype not in ("fp16", "fp32"):
         raise ValueError(f"dtype must be 'fp16' or 'fp32', got {dtype!r}")
     folder = Path(folder)

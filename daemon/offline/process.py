@@ -9,7 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
+from daemon.jittor_env import detect_cuda
 from daemon.model.downsample import downsample_frames, downsampled_size, quantize_frames, upsample_output
+from daemon.model.resample import quantile_nearest
+from daemon.pipeline import GeometryCrafter
+from daemon.stages.prior import run_priors
+from daemon.video import VideoError, read_frames, write_video
+from daemon.wire.encoding import png16_encode, quantize_depth
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +37,6 @@ def prior_ring_slots(height: int, width: int, most: int = 16) -> int:
 def network_dtype(choice: str) -> str:
     if choice != "auto":
         return choice
-    from daemon.jittor_env import detect_cuda
 
     return "fp16" if detect_cuda().driver_ok else "fp32"
 
@@ -39,8 +44,6 @@ def network_dtype(choice: str) -> str:
 def disparity_colours(depth: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """(T,H,W) depth -> (T,H,W,3) uint8 RGB: disparity 1/(Z+1e-4), robust range as spec 4.7 step 7 (app)."""
     import cv2
-
-    from daemon.model.resample import quantile_nearest
 
     disp = (1.0 / (depth + np.float32(1e-4))).astype(np.float32) * mask
     lo = min(quantile_nearest(d, 1 - 0.99) for d in disp)
@@ -66,8 +69,6 @@ def write_preview(path: Path, frames: np.ndarray, depth: np.ndarray, mask: np.nd
         if not cv2.imwrite(str(path), grid[..., ::-1]):
             raise OSError(f"cannot write {path}")
     else:
-        from daemon.video import write_video
-
         side = np.concatenate([frames, colours], axis=2)
         h, w = side.shape[1:3]
         write_video(path, side[:, : h - h % 2, : w - w % 2], fps=fps or 10.0)
@@ -75,8 +76,6 @@ def write_preview(path: Path, frames: np.ndarray, depth: np.ndarray, mask: np.nd
 
 def write_png_depth(folder: Path, depth: np.ndarray, mask: np.ndarray) -> list[Path]:
     """One ``depth_<i:06d>.png`` per frame: png16 of daemon.wire.encoding (inverse depth, tEXt scale/offset)."""
-    from daemon.wire.encoding import png16_encode, quantize_depth
-
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(depth.shape[0]):
@@ -89,8 +88,6 @@ def write_png_depth(folder: Path, depth: np.ndarray, mask: np.ndarray) -> list[P
 
 def process_file(args: argparse.Namespace) -> int:
     """Decode ``args.video``, run priors and GeometryCrafter, write ``args.out`` (+ PNG depth / preview)."""
-    from daemon.video import VideoError, read_frames
-
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
@@ -114,8 +111,6 @@ def process_file(args: argparse.Namespace) -> int:
                              "both must be even and >= 2")
         source = downsample_frames(frames, args.downsample_ratio)
 
-    from daemon.stages.prior import run_priors
-
     t0 = time.perf_counter()
     prior_frames = quantize_frames(source) if source is not frames else frames
     slots = prior_ring_slots(h0, w0)
@@ -124,8 +119,6 @@ def process_file(args: argparse.Namespace) -> int:
                               chunk=min(args.decode_chunk, slots), n_slots=slots)
     timings["prior_moge"] = time.perf_counter() - t0
     log.info("priors for %d frames in %.1f s", t, timings["prior_moge"])
-
-    from daemon.pipeline import GeometryCrafter
 
     t0 = time.perf_counter()
     dtype = network_dtype(args.dtype)

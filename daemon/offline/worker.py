@@ -23,6 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from daemon.jittor_env import import_jittor
+from daemon.offline.process import network_dtype
+from daemon.pipeline import GeometryCrafter
+from daemon.shm import FrameRing
+from daemon.stages.prior import PriorSettings, PriorSidecar
+from daemon.video import VideoError, read_frames
+
 log = logging.getLogger(__name__)
 
 _ring_ids = itertools.count()
@@ -93,10 +100,6 @@ class BatchWorker:
         removed there, daemon.jittor_env). Returns the seconds it took."""
         if self._gc is not None:
             return self.load_s
-        from daemon.jittor_env import import_jittor
-        from daemon.pipeline import GeometryCrafter
-        from daemon.offline.process import network_dtype
-        from daemon.stages.prior import PriorSettings, PriorSidecar
 
         t0 = time.perf_counter()
         import_jittor()
@@ -145,8 +148,6 @@ class BatchWorker:
         return VideoResult(video, out, "ok", frames, time.perf_counter() - t0, None, self.name)
 
     def _run(self, video: Path, out: Path) -> int:
-        from daemon.video import VideoError, read_frames
-
         self.start()
         o = self.opts
         try:
@@ -172,8 +173,6 @@ class BatchWorker:
 
     async def _priors(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The priors of every frame through the worker's sidecar (as daemon.stages.prior.run_priors)."""
-        from daemon.shm import FrameRing
-
         t, h, w, _ = frames.shape
         points = np.empty((t, h, w, 3), np.float32)
         mask = np.empty((t, h, w), bool)

@@ -32,8 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import multiprocessing as mp
+import signal
 import time
+import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +45,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from daemon.frames import FrameResult
+from daemon.logging_setup import setup_logging
+from daemon.model.streaming_stats import PolicyParams
+from daemon.pipeline import GeometryCrafter, StreamingSession
+from daemon.shm import FrameRing, SlotRef
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +105,11 @@ class PipelineGeometry:
 
     def __init__(self, model_dir: str | Path, variant: str, dtype: str, params: SessionParams,
                  low_memory: bool = False) -> None:
-        from daemon.pipeline import GeometryCrafter
-
         self.params = params
         self.low_memory = low_memory
         self.gc = GeometryCrafter.from_pretrained(model_dir, variant=variant, dtype=dtype)
 
     def new_session(self) -> Session:
-        from daemon.pipeline import StreamingSession
-        from daemon.model.streaming_stats import PolicyParams
-
         p = self.params
         return StreamingSession(
             self.gc, height=p.height, width=p.width, window_size=p.window_size, overlap=p.overlap,
@@ -124,8 +129,6 @@ class _IdentitySession:
 
     def push_window(self, frames: np.ndarray, prior_points: np.ndarray, prior_mask: np.ndarray,
                     first_frame_index: int) -> list[Any]:
-        from daemon.frames import FrameResult
-
         if self.delay_s:
             time.sleep(self.delay_s)
         out = []
@@ -263,8 +266,6 @@ class GeometryWorker:
     # ---- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> float:
         """Spawn the process and build the processor (model load); returns the load seconds."""
-        import multiprocessing as mp
-
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
         self._proc = ctx.Process(target=_worker_main, args=(child, self.spec), name="geometryd-geometry",
@@ -483,9 +484,6 @@ def _kill(proc: Any) -> None:
 
 
 def _die_with_parent() -> None:
-    import ctypes
-    import signal
-
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
@@ -498,11 +496,6 @@ def _die_with_parent() -> None:
 
 def _worker_main(conn: Any, spec: ProcessorSpec) -> None:
     """Child process: build the processor, then serve requests until "stop" or EOF."""
-    import traceback
-
-    from daemon.logging_setup import setup_logging
-    from daemon.shm import FrameRing, SlotRef
-
     _die_with_parent()
     set_process_title("geometryd: geometry")
     setup_logging(spec.log_level, spec.log_format)

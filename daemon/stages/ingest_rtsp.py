@@ -11,13 +11,14 @@ reach a log line (:func:`scrub_url`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
-from daemon.redact import scrub
 from daemon.frames import IngestFrame
+from daemon.redact import scrub
 from daemon.stages.ingest_file import IngestError, StallError, ThreadedReader, decode_container
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,6 @@ class RtspIngest:
             container.close()
 
     async def frames(self) -> AsyncIterator[IngestFrame]:
-        import asyncio
-
         delays = backoff_delays(self.reconnect_initial_s, self.reconnect_max_s)
         attempt = 0
         while True:

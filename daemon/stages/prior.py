@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -468,8 +469,6 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _socket_listening(path: Path) -> bool:
-    import socket
-
     if not path.exists():
         return False
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
