@@ -88,6 +88,7 @@ class HttpServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.bind, self.port)
         await site.start()
+        # PATCH(aiohttp==3.14.5): the site's private asyncio server, for the port bound to port 0
         sockets = getattr(site._server, "sockets", None) or []  # noqa: SLF001 (aiohttp exposes no getter)
         if sockets:
             self.port = sockets[0].getsockname()[1]

@@ -128,6 +128,7 @@ inline int geometrydDeviceAttribute(cudaDeviceAttr attr, int device) {
 // General GPU Device CUDA Initialization
 """
 
+# PATCH(jittor==1.3.11): source edits of the installed Jittor for CUDA 13 (each one checked before applying)
 PATCHES: tuple[Patch, ...] = (
     Patch(
         "helper_cuda_props",

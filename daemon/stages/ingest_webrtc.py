@@ -67,6 +67,7 @@ def limit_ice_addresses(bind: str) -> None:
     def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
         return [a for a in addrs if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
 
+    # PATCH(aioice==0.13.0): module function replaced process-wide (aioice has no per-connection hook)
     aioice.ice.get_host_addresses = host_addresses
 
 

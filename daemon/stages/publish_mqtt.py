@@ -548,6 +548,7 @@ class MqttPublisher:
             logger=logging.getLogger(f"{__name__}.aiomqtt"),
         )
         # aiomqtt ignores CONNACK properties; the broker's Maximum Packet Size is the limit that matters.
+        # PATCH(aiomqtt==2.5.1): its private paho client, to chain on_connect and read CONNACK properties
         paho_client = client._client
         on_connect = paho_client.on_connect
 
@@ -632,6 +633,7 @@ class MqttPublisher:
         import aiomqtt
 
         assert self._outbox is not None and self._wake is not None and self._stop is not None
+        # PATCH(aiomqtt==2.5.1): the private future aiomqtt resolves when the connection drops
         disconnected: asyncio.Future[None] = client._disconnected
         while True:
             while self._retained_dirty:
@@ -729,6 +731,7 @@ def _force_close(client: Any) -> None:
     if paho_client is None or paho_client.socket() is None:
         return
     try:
+        # PATCH(paho-mqtt==2.2.0): private socket close; aiomqtt leaves it open after a failed exit
         paho_client._sock_close()
     except Exception:  # best effort on an already broken connection
         log.debug("mqtt: closing a stale socket failed", exc_info=True)

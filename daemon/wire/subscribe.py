@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from paho.mqtt.properties import Properties, VariableByteIntegers
 
 from daemon.wire import encoding
 
@@ -82,8 +83,7 @@ def install_fast_properties_unpack() -> None:
     property: ~100 ms per 3.6 MB points message with ~17 properties (measured). Unpacking a buffer cut to the
     properties' own length returns the same result, so the wrapper only does that.
     """
-    from paho.mqtt.properties import Properties, VariableByteIntegers
-
+    # PATCH(paho-mqtt==2.2.0): Properties.unpack replaced process-wide (copies the payload per property)
     if getattr(Properties.unpack, "_geometryd_fast", False):
         return
     original = Properties.unpack
