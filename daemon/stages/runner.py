@@ -10,6 +10,8 @@ dropped{reason}.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from daemon.config import Config, Source
+from daemon.frames import FrameMeta
 from daemon.metrics import Metrics
 from daemon.progress import ProgressMonitor
 from daemon.shm import FrameRing, RingFullError
@@ -25,7 +28,6 @@ from daemon.stages.ingest_file import FileIngest, IngestError
 from daemon.stages.ingest_rtsp import RtspIngest
 from daemon.stages.preview import PreviewScale, make_preview
 from daemon.stages.prior import PriorSidecar, SidecarBudgetExhausted
-from daemon.frames import FrameMeta
 from daemon.stages.window import Admission, Verdict, Window, WindowBuilder
 
 if TYPE_CHECKING:
@@ -112,7 +114,8 @@ class SourceRunner:
                 m.source_reconnects.labels(self.name).inc()
 
             return RtspIngest(self.name, src.url, g.height, g.width, open_timeout_s=src.open_timeout_s,
-                              stall_timeout_s=src.stall_timeout_s, reconnect_initial_s=src.reconnect_initial_s,
+                              stall_timeout_s=src.stall_timeout_s,
+                              reconnect_initial_s=src.reconnect_initial_s,
                               reconnect_max_s=src.reconnect_max_s, on_reconnect=on_reconnect,
                               on_up=lambda up: m.source_up.labels(self.name).set(1 if up else 0),
                               on_error=lambda kind: m.source_errors.labels(self.name, kind).inc())
@@ -414,7 +417,8 @@ class SourceRunner:
             m.observe_stage("geometry", self.name, dt)
             m.windows.labels(self.name).inc()
             self.windows_done += 1
-            self.admission.note_window(win.n_new, max(dt, win.prior_s), win.window_id)  # the two stages overlap
+            self.admission.note_window(win.n_new, max(dt, win.prior_s),
+                                       win.window_id)  # the two stages overlap
             self._release(win)
             await self._publish(results)
         try:
