@@ -21,16 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.pipeline import window_plan
 from daemon.model.prior_post import compute_stats
 from daemon.model.streaming_stats import FrameNorm, PolicyParams, StreamStats
+from daemon.pipeline import window_plan
 
 FRAMES, CUT, H0, W0 = 330, 220, 48, 64
 FOCAL = 0.8  # focal length / image width
 WINDOW, OVERLAP = 110, 25  # the shipped defaults
 
 
-def drift_clip(frames: int = FRAMES, cut: int = CUT, h: int = H0, w: int = W0) -> tuple[np.ndarray, np.ndarray]:
+def drift_clip(frames: int = FRAMES, cut: int = CUT, h: int = H0, w: int = W0) -> tuple[np.ndarray,
+                                                                                        np.ndarray]:
     """(points (T,H,W,3) float32, mask (T,H,W) bool): the exact geometry of every frame."""
     v = (np.arange(h) + 0.5) / h
     u = (np.arange(w) + 0.5) / w
@@ -52,7 +53,8 @@ def drift_clip(frames: int = FRAMES, cut: int = CUT, h: int = H0, w: int = W0) -
     return pts, mask
 
 
-def run_policy(policy: str, points: np.ndarray, mask: np.ndarray, window: int = WINDOW, overlap: int = OVERLAP,
+def run_policy(policy: str, points: np.ndarray, mask: np.ndarray, window: int = WINDOW,
+               overlap: int = OVERLAP,
                params: PolicyParams = PolicyParams()) -> tuple[list[FrameNorm], list[tuple[int, int]]]:
     """Normalisation of every frame as a streaming session with ``policy`` assigns it, and the window plan
     (new frames [s, e) of each window)."""

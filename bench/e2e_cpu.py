@@ -78,7 +78,8 @@ def machine_info() -> dict[str, Any]:
             info[dist] = None
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+            info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                                     None)
     except OSError:
         info["cpu_model"] = None
     return info
@@ -188,7 +189,8 @@ def run_mode(label: str, p: E2EParams, work: Path, model_dir: Path, clip: Path) 
     write_config(cfg, config_tables(model_dir, clip, p, broker[1] if broker else None))
     summary = work / f"{label}-summary.json"
     summary.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "daemon", "run", "--config", str(cfg), "--exit-when-done", "--summary", str(summary)]
+    cmd = [sys.executable, "-m", "daemon", "run", "--config", str(cfg), "--exit-when-done", "--summary",
+           str(summary)]
     if mode == "plumbing":
         cmd += ["--plumbing-identity-delay", "0"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
@@ -215,7 +217,8 @@ def run_mode(label: str, p: E2EParams, work: Path, model_dir: Path, clip: Path) 
             broker[0].wait(10)
     t_end = time.time()
     (work / f"{label}.log").write_text(stderr)  # the daemon's JSON log, for inspection
-    rec: dict[str, Any] = {"mode": label, "realtime": p.realtime, "geometry": "tiny GeometryCrafter (random weights)" if mode == "pipeline"
+    rec: dict[str, Any] = {"mode": label, "realtime": p.realtime,
+                           "geometry": "tiny GeometryCrafter (random weights)" if mode == "pipeline"
                            else "IDENTITY (plumbing only: result = prior, no model)",
                            "returncode": proc.returncode, "mqtt_broker": bool(broker),
                            "wall_s_total": round(t_end - t_start, 3), "peak_rss_mib": round(peak / 2**20, 1)}
@@ -231,7 +234,8 @@ def run_mode(label: str, p: E2EParams, work: Path, model_dir: Path, clip: Path) 
         "frames_in": src["frames_in"], "frames_out": src["frames_out"], "skipped": src["skipped"],
         "dropped": src["dropped"], "balanced": src["balanced"], "windows": src["windows"],
         "startup_s": round(ready - t_start, 3),
-        "warm_up_s": round(marks["warm"] - marks["loaded"], 3) if {"warm", "loaded"} <= marks.keys() else None,
+        "warm_up_s": round(marks["warm"] - marks["loaded"],
+                           3) if {"warm", "loaded"} <= marks.keys() else None,
         "serving_s": round(serving, 3),
         "frames_per_s": round(src["frames_out"] / serving, 3),
         "latency_s": src["latency_s"], "loop_lag": s.get("loop_lag"), "mqtt": s.get("mqtt"),

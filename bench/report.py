@@ -136,7 +136,8 @@ def _sub_section(name: str, data: dict[str, Any] | None, run: dict[str, Any] | N
                        f"{_fmt(r['sidecar']['frames_per_s'])} |")
     elif name == "networks_cpu" and isinstance(data.get("results"), list):
         out += ["", f"Tiny configs, {data.get('precision', '?')}, CPU.", "",
-                "| network | inputs | torch ms | jittor ms | jittor / torch | max rel. err |", "|---|---|---|---|---|---|"]
+                "| network | inputs | torch ms | jittor ms | jittor / torch | max rel. err |",
+                "|---|---|---|---|---|---|"]
         for r in data["results"]:
             shapes = ", ".join(f"{k} {tuple(v)}" for k, v in (r.get("inputs") or {}).items() if v)
             out.append(f"| {r.get('name')} | {shapes} | {_fmt(r.get('torch_ms_median'))} | "
@@ -147,7 +148,8 @@ def _sub_section(name: str, data: dict[str, Any] | None, run: dict[str, Any] | N
         out += ["", f"{cfg.get('frames')} frames {cfg.get('in_height')}x{cfg.get('in_width')} -> "
                 f"{cfg.get('height')}x{cfg.get('width')}, window {cfg.get('window_size')}, overlap {cfg.get('overlap')}, "
                 f"{cfg.get('num_inference_steps')} steps, decode chunk {cfg.get('decode_chunk_size')}; fp32, CPU conv "
-                f"backend {data.get('cpu_conv_backend')}; median of {data.get('runs')} interleaved round(s).", "",
+                f"backend {data.get('cpu_conv_backend')}; median of {data.get('runs')} interleaved round(s).",
+                "",
                 "| variant | stage | geometryd s | torch s | geometryd / torch |", "|---|---|---|---|---|"]
         for r in data["results"]:
             med, ratio = r.get("median_s", {}), r.get("ratio_geometryd_over_torch", {})

@@ -21,8 +21,8 @@ import argparse
 import os
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,8 @@ def component_commands(short: bool, results: Path) -> list[tuple[str, list[str],
         cmds.append(("shm", [py, "bench/bench_shm.py", *extra, "--out", str(results / "shm.json")], 300))
     if (REPO / "bench" / "bench_prior.py").exists():
         extra = ["--configs", "tiny", "--sizes", "576x1024", "--frames", "4"] if short else []
-        cmds.append(("prior", [py, "bench/bench_prior.py", *extra, "--out", str(results / "prior.json")], 900))
+        cmds.append(("prior", [py, "bench/bench_prior.py", *extra, "--out", str(results / "prior.json")],
+                     900))
     if (REPO / "bench" / "bench_glue.py").exists():
         from bench.bench_glue import SHORT_ARGS
 
@@ -106,7 +107,8 @@ def run_suite(short: bool, results: Path, skip_components: bool = False,
         shutil.rmtree(work, ignore_errors=True)
     e2e = {"name": "e2e_cpu", "short": short, "runs": runs, "machine": machine_info()}
     _write(results / "e2e_cpu.json", e2e)
-    suite: dict[str, Any] = {"name": "suite", "short": short, "e2e_wall_s": round(time.monotonic() - e2e_t0, 2),
+    suite: dict[str, Any] = {"name": "suite", "short": short,
+                             "e2e_wall_s": round(time.monotonic() - e2e_t0, 2),
                              "components": []}
     if not skip_components:
         for name, cmd, timeout_s in component_commands(short, results):

@@ -83,7 +83,7 @@ class HttpServer:
         """Connections refused by the cap, header timeouts, bad requests (daemon/http_guard.py)."""
         return self._runner.stats if self._runner is not None else None
 
-    async def __aenter__(self) -> "HttpServer":
+    async def __aenter__(self) -> HttpServer:
         self._runner = GuardedAppRunner(self._app, self.limits, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.bind, self.port)

@@ -50,12 +50,14 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.frames_in = Counter("geometryd_frames_in", "Frames decoded from a source", ["source"], registry=r)
+        self.frames_in = Counter("geometryd_frames_in", "Frames decoded from a source", ["source"],
+                                 registry=r)
         self.frames_out = Counter("geometryd_frames_out", "Frames with a published result", ["source"],
                                   registry=r)
         self.frames_skipped = Counter("geometryd_frames_skipped", "Frames left out by the overload policy",
                                       ["source"], registry=r)
-        self.frames_dropped = Counter("geometryd_frames_dropped", "Frames lost (full buffer, fault, shutdown)",
+        self.frames_dropped = Counter("geometryd_frames_dropped",
+                                      "Frames lost (full buffer, fault, shutdown)",
                                       ["source", "reason"], registry=r)
         self.windows = Counter("geometryd_windows", "Windows processed", ["source"], registry=r)
         self.stage_seconds = Histogram("geometryd_stage_seconds", "Stage latency per window",
@@ -88,7 +90,8 @@ class Metrics:
                                          "Ingest-to-publish latency per preview frame", ["source"],
                                          buckets=_STAGE_BUCKETS, registry=r)
         self.window_fps = Gauge("geometryd_window_fps",
-                                "Effective source frame rate (pts) of the last window", ["source"], registry=r)
+                                "Effective source frame rate (pts) of the last window", ["source"],
+                                registry=r)
         self.counts: dict[str, SourceCounts] = {}
 
     def source(self, name: str) -> SourceCounts:

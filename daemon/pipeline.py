@@ -34,10 +34,11 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -368,11 +369,11 @@ class Conditioning:
     plat: np.ndarray  # (n, 4, h, w) prior latents (scaled by 0.18215), latent dtype
 
     @staticmethod
-    def concat(parts: list["Conditioning"]) -> "Conditioning":
+    def concat(parts: list[Conditioning]) -> Conditioning:
         keys = ("emb", "vlat", "plat")
         return Conditioning(*(np.concatenate([getattr(p, k) for p in parts]) for k in keys))
 
-    def slice(self, s: int, e: int) -> "Conditioning":
+    def slice(self, s: int, e: int) -> Conditioning:
         return Conditioning(self.emb[s:e], self.vlat[s:e], self.plat[s:e])
 
 
@@ -408,7 +409,7 @@ class GeometryCrafter:
     @classmethod
     def from_pretrained(
         cls, model_dir: str | Path, variant: str = "diff", dtype: str = "fp16"
-    ) -> "GeometryCrafter":
+    ) -> GeometryCrafter:
         """Load the merged official layout (spec 1.1): unet_<variant>/, point_map_vae/, vae/, image_encoder/,
         feature_extractor/, scheduler/. Raises FileNotFoundError naming every missing part."""
         if variant not in VARIANTS:
@@ -843,7 +844,8 @@ class StreamingSession:
             e = s + 1
             while e < len(norms) and norms[e].stats == norms[s].stats:
                 e += 1
-            parts.append(prior_to_x4(points[s:e], mask[s:e], self.size, norms[s].stats, nan_guard=self.nan_guard))
+            parts.append(prior_to_x4(points[s:e], mask[s:e], self.size, norms[s].stats,
+                                     nan_guard=self.nan_guard))
             s = e
         return np.concatenate(parts)
 
@@ -866,7 +868,8 @@ class StreamingSession:
             cfx, cfy = projected_focal(sub, per_frame=False)
             old = None if seg != self._focal_segment or self.focal is None else self.focal
             if old is None:
-                log.info("fixed focal anchored on frames %d..%d (segment %d)", self._base + s, self._base + e - 1,
+                log.info("fixed focal anchored on frames %d..%d (segment %d)", self._base + s,
+                         self._base + e - 1,
                          seg)
             ofx, ofy = (None, None) if old is None else (float(old[0]), float(old[1]))
             nfx, nfy = follow_focal(None if old is None else (ofx, ofy), (float(cfx), float(cfy)),

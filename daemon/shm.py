@@ -217,7 +217,7 @@ class FrameRing:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def create(cls, source: str, n_slots: int, height: int, width: int) -> "FrameRing":
+    def create(cls, source: str, n_slots: int, height: int, width: int) -> FrameRing:
         """Create `geometryd-<pid>-<source>` (daemon side); stale segments of dead pids are removed first."""
         if n_slots < 1 or height < 1 or width < 1:
             raise ValueError(f"ring geometry must be positive, got n_slots={n_slots} height={height} "
@@ -249,7 +249,7 @@ class FrameRing:
         return ring
 
     @classmethod
-    def attach(cls, name: str, timeout: float = 5.0) -> "FrameRing":
+    def attach(cls, name: str, timeout: float = 5.0) -> FrameRing:
         """Map an existing ring (sidecar side). Waits up to `timeout` s for the segment and its magic.
 
         Never registers with the resource tracker, so this process exiting cannot unlink the segment.
@@ -430,7 +430,7 @@ class FrameRing:
             except FileNotFoundError:
                 pass
 
-    def __enter__(self) -> "FrameRing":
+    def __enter__(self) -> FrameRing:
         return self
 
     def __exit__(self, *exc: object) -> None:

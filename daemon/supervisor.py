@@ -272,7 +272,8 @@ class Daemon:
         if pending:
             _, late = await asyncio.wait(pending, timeout=grace)
             for t in late:
-                log.warning("shutdown grace exceeded; cancelling", extra={"task": t.get_name(), "grace_s": grace})
+                log.warning("shutdown grace exceeded; cancelling",
+                            extra={"task": t.get_name(), "grace_s": grace})
                 t.cancel()
             if late:
                 await asyncio.wait(late)

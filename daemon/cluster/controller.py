@@ -18,7 +18,6 @@ The assignment, actor states, moves and measured recovery times are published re
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -93,11 +92,14 @@ class ClusterMetrics:
         self.actors = Gauge("geometryd_cluster_actors", "GPU actors started", registry=r)
         self.assigned = Gauge("geometryd_cluster_source_assigned", "1 for the actor a source runs on",
                               ["source", "actor"], registry=r)
-        self.restarts = Counter("geometryd_cluster_actor_restarts", "actor restarts seen", ["actor"], registry=r)
-        self.moves = Counter("geometryd_cluster_source_moves", "sources moved or restarted", ["source", "kind"],
+        self.restarts = Counter("geometryd_cluster_actor_restarts", "actor restarts seen", ["actor"],
+                                registry=r)
+        self.moves = Counter("geometryd_cluster_source_moves", "sources moved or restarted",
+                             ["source", "kind"],
                              registry=r)
         self.recovery = Gauge("geometryd_cluster_recovery_seconds",
-                              "last failure: actor down -> the source publishing again", ["source"], registry=r)
+                              "last failure: actor down -> the source publishing again", ["source"],
+                              registry=r)
         self.frames = Gauge("geometryd_cluster_frames", "per-source frames over all runs", ["source", "kind"],
                             registry=r)
 
@@ -251,7 +253,8 @@ class Controller:
 
     async def _poll(self) -> None:
         actors = list(self.actors.values())
-        results = await asyncio.gather(*(self._call(a, "status", timeout=max(5.0, 3 * self.cc.status_interval_s))
+        results = await asyncio.gather(*(self._call(a, "status",
+                                                    timeout=max(5.0, 3 * self.cc.status_interval_s))
                                          for a in actors if a.state in ("up", "down")),
                                        return_exceptions=True)
         polled = [a for a in actors if a.state in ("up", "down")]
@@ -341,7 +344,8 @@ class Controller:
         for s in orphans:
             by_actor.setdefault(new[s], []).append(s)
         for target, sources in by_actor.items():
-            await self._start_run(self.actors[target], sources, kind="moved", reason=reason, moved_from=a.name)
+            await self._start_run(self.actors[target], sources, kind="moved", reason=reason,
+                                  moved_from=a.name)
 
     def _recheck_recoveries(self) -> None:
         for s, move in list(self.pending_recovery.items()):

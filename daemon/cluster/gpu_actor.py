@@ -89,7 +89,8 @@ class GpuActor:
         import ray
 
         return {"actor": self.name, "pid": os.getpid(), "incarnation": self.incarnation,
-                "node": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "node": ray.get_runtime_context().get_node_id(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
     def start_sources(self, run_id: str, cfg_toml: str, sources: list[str]) -> dict[str, Any]:

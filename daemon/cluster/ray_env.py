@@ -35,7 +35,8 @@ def init_ray(address: str, *, num_cpus: float | None = None, num_gpus: float | N
 
     if ray.is_initialized():
         return ray
-    env = {"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}} if os.environ.get("PYTHONPATH") else None
+    pythonpath = os.environ.get("PYTHONPATH")
+    env = {"env_vars": {"PYTHONPATH": pythonpath}} if pythonpath else None
     if address == "local":
         cpus = num_cpus if num_cpus is not None else float(os.cpu_count() or 1)
         ray.init(num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False,
@@ -45,7 +46,8 @@ def init_ray(address: str, *, num_cpus: float | None = None, num_gpus: float | N
         ray.init(address=address, namespace=namespace, runtime_env=env, log_to_driver=True,
                  configure_logging=False)
     res = ray.cluster_resources()
-    log.info("ray connected", extra={"address": address, "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0)})
+    log.info("ray connected",
+             extra={"address": address, "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0)})
     return ray
 
 

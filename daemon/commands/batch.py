@@ -15,12 +15,9 @@ Exit codes: 0 all ok or skipped, 1 some input failed (one-line summary on stderr
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -35,7 +32,7 @@ from daemon.offline.batch import (
     output_paths,
     run_serial,
 )
-from daemon.offline.worker import BatchWorker, ProcessOptions, VideoResult
+from daemon.offline.worker import ProcessOptions, VideoResult
 from daemon.weights.tiny import missing_parts
 
 log = logging.getLogger(__name__)
@@ -57,8 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --ray local: GPUs the local cluster announces (logical ones on a CPU box)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.add_argument("--model-dir", type=Path, required=True, help="model folder (merged official layout)")
-    p.add_argument("--variant", choices=("diff", "determ"), default="diff", help="UNet variant (default diff)")
-    p.add_argument("--height", type=int, default=0, help="processing height, multiple of 64 (default: source)")
+    p.add_argument("--variant", choices=("diff", "determ"), default="diff",
+                   help="UNet variant (default diff)")
+    p.add_argument("--height", type=int, default=0,
+                   help="processing height, multiple of 64 (default: source)")
     p.add_argument("--width", type=int, default=0, help="processing width, multiple of 64 (default: source)")
     p.add_argument("--window", type=int, default=110, help="window size in frames (default 110)")
     p.add_argument("--overlap", type=int, default=25, help="window overlap in frames (default 25)")
@@ -70,7 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--low-memory", action="store_true", help="keep big tensors on the host")
     p.add_argument("--dtype", choices=("auto", "fp16", "fp32"), default="auto",
                    help="network precision (auto = fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device of the MoGe prior")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="device of the MoGe prior")
     p.add_argument("--prior-python", default="", help="interpreter for the MoGe sidecar (default: this one)")
     p.set_defaults(func=run)
 

@@ -1,5 +1,6 @@
 """`geometryd bench [--short] [--gpu [--dry-run-cpu]] [--glue]`: the benchmark suite (bench/suite.py), the GPU
-benchmark script (bench/gpu/run.sh) or the host-glue benchmark alone (bench/bench_glue.py). Results: JSON in bench/results/, a report in bench/REPORT.md.
+benchmark script (bench/gpu/run.sh) or the host-glue benchmark alone (bench/bench_glue.py). Results: JSON in
+bench/results/, a report in bench/REPORT.md.
 
 The bench/ folder is part of the source checkout (not of an installed wheel): the command says so when it
 is absent.
@@ -27,20 +28,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "benchmarks; JSON in bench/results/, report in bench/REPORT.md. --gpu runs bench/gpu/run.sh "
                     "(Jittor vs PyTorch on full-size random-weight networks) on a CUDA machine.",
     )
-    p.add_argument("--short", action="store_true", help="small CI-sized run (< ~2 min on 2 cores), results in "
+    p.add_argument("--short", action="store_true",
+                   help="small CI-sized run (< ~2 min on 2 cores), results in "
                                                        "bench/results/short/")
-    p.add_argument("--results", type=Path, default=None, help="results folder (default bench/results[/short])")
+    p.add_argument("--results", type=Path, default=None,
+                   help="results folder (default bench/results[/short])")
     p.add_argument("--skip-components", action="store_true", help="only the end-to-end runs")
     p.add_argument("--gpu", action="store_true", help="run bench/gpu/run.sh instead (needs a CUDA device)")
-    p.add_argument("--dry-run-cpu", action="store_true", help="with --gpu: the same script with tiny configs on CPU")
-    p.add_argument("--glue", action="store_true", help="only the host-glue benchmark (bench/bench_glue.py: numpy "
+    p.add_argument("--dry-run-cpu", action="store_true",
+                   help="with --gpu: the same script with tiny configs on CPU")
+    p.add_argument("--glue", action="store_true",
+                   help="only the host-glue benchmark (bench/bench_glue.py: numpy "
                                                       "steps of one window vs torch); --short: a smaller window")
     p.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if not (REPO / "bench" / "suite.py").is_file():
-        print(f"geometryd bench: {REPO / 'bench'} not found (benchmarks run from a source checkout)", file=sys.stderr)
+        print(f"geometryd bench: {REPO / 'bench'} not found (benchmarks run from a source checkout)",
+              file=sys.stderr)
         return 2
     if args.gpu:
         script = REPO / "bench" / "gpu" / "run.sh"
@@ -50,7 +56,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 print(f"geometryd bench --gpu: no usable CUDA device ({cuda.reason}); "
                       "`geometryd bench --gpu --dry-run-cpu` checks the script on CPU", file=sys.stderr)
                 return 2
-        return subprocess.call(["bash", str(script), *(["--dry-run-cpu"] if args.dry_run_cpu else [])], cwd=REPO)
+        return subprocess.call(["bash", str(script), *(["--dry-run-cpu"] if args.dry_run_cpu else [])],
+                               cwd=REPO)
     # bench/ runs as its own scripts: nothing under daemon/ imports bench/ (layout rule 5).
     results = args.results or (REPO / "bench" / "results" / ("short" if args.short else ""))
     if args.glue:
@@ -58,7 +65,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 "--out", str(Path(results) / "glue.json")]
         return _run(glue)  # last line: the summary
     suite = [sys.executable, str(REPO / "bench" / "suite.py"), *(["--short"] if args.short else []),
-             "--results", str(Path(results).resolve()), *(["--skip-components"] if args.skip_components else [])]
+             "--results", str(Path(results).resolve()),
+             *(["--skip-components"] if args.skip_components else [])]
     return _run(suite)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 
 from daemon.cluster.controller import Controller
 from daemon.config import load_config_or_exit

@@ -53,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=16, help="window size in frames (16)")
     p.add_argument("--overlap", type=int, default=4, help="window overlap in frames (4)")
     p.add_argument("--steps", type=int, default=2, help="denoising steps (2)")
-    p.add_argument("--no-mqtt", action="store_true", help="use the file sink even when mosquitto is installed")
+    p.add_argument("--no-mqtt", action="store_true",
+                   help="use the file sink even when mosquitto is installed")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -295,10 +296,12 @@ async def _run_daemon(cfg: Path, summary: Path, log_path: Path) -> int:
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "daemon", "run", "--config", str(cfg), "--exit-when-done", "--summary", str(summary),
+        sys.executable, "-m", "daemon", "run", "--config", str(cfg), "--exit-when-done", "--summary",
+        str(summary),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
     assert proc.stdout is not None
-    echo = ("starting prior sidecar", "sidecar ready", "loading pipeline", "warming up", "warm-up done", "ready",
+    echo = ("starting prior sidecar", "sidecar ready", "loading pipeline", "warming up", "warm-up done",
+            "ready",
             "failed", "ERROR", "stopped")
     with open(log_path, "w") as log:
         async for raw in proc.stdout:

@@ -21,10 +21,11 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from daemon import jittor_patches
 from daemon.jittor_env import JittorEnvError, detect_cuda
@@ -119,7 +120,7 @@ def run_jittor_import(timeout_s: float, notice: Callable[[str], None]) -> tuple[
     for line in out.splitlines():
         if line.startswith(_JSON_MARK):
             return json.loads(line[len(_JSON_MARK):]), ""
-    tail = [l for l in out.strip().splitlines() if l.strip()][-3:]
+    tail = [ln for ln in out.strip().splitlines() if ln.strip()][-3:]
     return None, f"exit {proc.returncode}: " + " | ".join(tail)[-400:]
 
 
@@ -315,7 +316,7 @@ def check_chromium() -> Check:
         return Check("chromium", WARN, "not found (the WebRTC viewer test needs it)")
     try:
         out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
-        version = next((l.strip() for l in out.stdout.splitlines() if "hrom" in l), "")
+        version = next((ln.strip() for ln in out.stdout.splitlines() if "hrom" in ln), "")
     except (OSError, subprocess.TimeoutExpired):
         version = ""
     return Check("chromium", OK, f"{version or 'unknown version'} ({exe})", {"path": exe})

@@ -13,10 +13,7 @@ import argparse
 import logging
 import math
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
 
 from daemon.offline.process import UsageError, process_file
 from daemon.weights.tiny import missing_parts

@@ -113,7 +113,8 @@ class _Band:
 
 
 @functools.lru_cache(maxsize=128)
-def _bands(mode_or_key: object, n_in: int, n_out: int, dtype: str, rows: int = BAND_ROWS) -> tuple[_Band, ...]:
+def _bands(mode_or_key: object, n_in: int, n_out: int, dtype: str,
+           rows: int = BAND_ROWS) -> tuple[_Band, ...]:
     """Split a dense weight matrix into blocks of output rows that touch only the input range they need.
 
     Each block is an ordinary BLAS product over the non-zero columns of its rows, so the sums run over the

@@ -72,7 +72,7 @@ class UNetConfig:
     num_frames: int = 25
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "UNetConfig":
+    def from_dict(cls, config: dict[str, Any]) -> UNetConfig:
         """Keep known keys (lists become tuples); ``_class_name`` etc. are ignored."""
         known = {f.name for f in fields(cls)}
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in known}

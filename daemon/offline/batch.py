@@ -75,7 +75,8 @@ class Manifest:
         self._f.close()
 
 
-def run_serial(opts: ProcessOptions, jobs: list[tuple[Path, Path]], on_result: Callable[[VideoResult], None]) -> None:
+def run_serial(opts: ProcessOptions, jobs: list[tuple[Path, Path]],
+               on_result: Callable[[VideoResult], None]) -> None:
     worker = BatchWorker(opts)
     try:
         for video, out in jobs:

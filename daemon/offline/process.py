@@ -1,4 +1,5 @@
-"""Offline GeometryCrafter on one decoded clip, upstream semantics (run.py, spec 4.1/4.7): the library behind `geometryd process`."""
+"""Offline GeometryCrafter on one decoded clip, upstream semantics (run.py, spec 4.1/4.7): the library behind
+`geometryd process`."""
 
 from __future__ import annotations
 

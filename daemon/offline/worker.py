@@ -104,7 +104,8 @@ class BatchWorker:
         t0 = time.perf_counter()
         import_jittor()
         o = self.opts
-        self._gc = GeometryCrafter.from_pretrained(o.model_dir, variant=o.variant, dtype=network_dtype(o.dtype))
+        self._gc = GeometryCrafter.from_pretrained(o.model_dir, variant=o.variant,
+                                                   dtype=network_dtype(o.dtype))
         ckpt = Path(o.model_dir) / "moge" / "model.pt"
         settings = PriorSettings(checkpoint=str(ckpt), python=o.prior_python, device=o.device, fp16=False,
                                  resolution_level=9, request_timeout_s=3600.0)
@@ -180,7 +181,8 @@ class BatchWorker:
         ring = FrameRing.create(f"batch{next(_ring_ids)}", n_slots, h, w)
         try:
             for start in range(0, t, n_slots):
-                refs = [ring.write_frame(frames[i], i, float(i)) for i in range(start, min(t, start + n_slots))]
+                refs = [ring.write_frame(frames[i], i,
+                                         float(i)) for i in range(start, min(t, start + n_slots))]
                 await self._sidecar.compute(ring, refs)
                 for ref in refs:
                     points[ref.frame_index] = ring.prior_points(ref)

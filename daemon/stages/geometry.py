@@ -90,7 +90,7 @@ class SessionParams:
     cut_threshold: float = 0.4
 
     @classmethod
-    def from_config(cls, g: Any, streaming: Any = None) -> "SessionParams":
+    def from_config(cls, g: Any, streaming: Any = None) -> SessionParams:
         st = {} if streaming is None else {
             "stats_policy": streaming.stats, "stats_smoothing": streaming.stats_smoothing,
             "stats_max_step": streaming.stats_max_step, "cut_threshold": streaming.cut_threshold}
@@ -214,8 +214,9 @@ class WorkerPolicy:
     restart_timeout_s: float = 900.0
 
     @classmethod
-    def from_config(cls, g: Any) -> "WorkerPolicy":
-        return cls(g.window_deadline_s, g.deadline_factor, g.deadline_floor_s, g.heartbeat_s, g.restart_budget,
+    def from_config(cls, g: Any) -> WorkerPolicy:
+        return cls(g.window_deadline_s, g.deadline_factor, g.deadline_floor_s, g.heartbeat_s,
+                   g.restart_budget,
                    g.stop_timeout_s, g.restart_timeout_s)
 
 
@@ -450,7 +451,7 @@ class GeometryWorker:
         try:  # a window still running (cancelled by the shutdown grace) may finish within the timeout
             await asyncio.wait_for(self._lock.acquire(), timeout)
             locked = True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             locked = False
         if locked and self.alive:
             with contextlib.suppress(Exception):

@@ -5,7 +5,8 @@ thread; the async side waits for each frame at most ``stall_timeout_s`` and othe
 connection and reopens. A server that dies mid-stream makes PyAV raise ``InvalidDataError`` (not a clean
 EOF), so every ``av.error.FFmpegError`` leads to a reconnect with exponential backoff and full jitter,
 reset after a frame arrives. A camera never "ends": an EOF also reconnects. A frame's pts is its wall-clock
-(unix) receive time: camera timestamps restart with each session, and subscribers derive latency from it. Credentials in the URL never
+(unix) receive time: camera timestamps restart with each session, and subscribers derive latency from it.
+Credentials in the URL never
 reach a log line (:func:`scrub_url`).
 """
 
@@ -39,7 +40,8 @@ class RtspIngest:
     live = True
 
     def __init__(self, name: str, url: str, height: int, width: int, *, open_timeout_s: float = 5.0,
-                 stall_timeout_s: float = 5.0, reconnect_initial_s: float = 0.5, reconnect_max_s: float = 10.0,
+                 stall_timeout_s: float = 5.0, reconnect_initial_s: float = 0.5,
+                 reconnect_max_s: float = 10.0,
                  on_reconnect: Callable[[], None] | None = None, on_up: Callable[[bool], None] | None = None,
                  on_error: Callable[[str], None] | None = None) -> None:
         self.name, self.url = name, url

@@ -164,7 +164,7 @@ class PriorSidecar:
             self._tmpdir = None
         self._started = False
 
-    async def __aenter__(self) -> "PriorSidecar":
+    async def __aenter__(self) -> PriorSidecar:
         await self.start()
         return self
 
@@ -207,7 +207,7 @@ class PriorSidecar:
         timeout = float(getattr(self.cfg, "startup_timeout_s", 120.0))
         try:
             await asyncio.wait_for(self._handshake(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self._teardown(signal.SIGKILL, grace=0)
             raise SidecarUnavailable(f"MoGe sidecar not ready after {timeout} s") from None
         except SidecarUnavailable:
@@ -251,7 +251,7 @@ class PriorSidecar:
                 proc.send_signal(sig)
             try:
                 await asyncio.wait_for(proc.wait(), grace if grace > 0 else 5.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
@@ -341,7 +341,7 @@ class PriorSidecar:
             try:
                 await self._call({"op": "ping"}, self.ping_timeout_s)
                 self._consecutive_failures = 0
-            except (asyncio.TimeoutError, _Crashed) as exc:
+            except (TimeoutError, _Crashed) as exc:
                 log.warning("MoGe sidecar failed its health check", extra={"error": repr(exc)})
                 try:
                     async with self._lock:
@@ -377,7 +377,7 @@ class PriorSidecar:
         await self._ensure_running("ping")
         try:
             return await self._call({"op": "ping"}, timeout)
-        except (asyncio.TimeoutError, _Crashed) as exc:
+        except (TimeoutError, _Crashed) as exc:
             raise PriorError(f"MoGe sidecar ping failed: {exc!r}") from exc
 
     async def compute(self, ring: FrameRing, refs: list[SlotRef]) -> dict[str, Any]:
@@ -399,7 +399,7 @@ class PriorSidecar:
                 log.warning("prior request interrupted; retrying",
                             extra={"ring": ring.name, "attempt": attempt})
                 continue
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 last = f"request timed out after {timeout} s (attempt {attempt})"
                 log.warning("prior request hung; killing the sidecar",
                             extra={"ring": ring.name, "attempt": attempt})

@@ -35,8 +35,8 @@ import socket
 import ssl
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -293,7 +293,7 @@ class MqttPublisher:
         task, self._task = self._task, None
         try:
             await asyncio.wait_for(asyncio.shield(task), max(deadline - time.monotonic(), 1.0))
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             log.warning("mqtt: the broker did not take the last messages in time; closing anyway")
         except Exception:  # the run loop never raises by design; keep close() total anyway
             log.exception("mqtt: publisher task failed")
@@ -327,7 +327,7 @@ class MqttPublisher:
         try:
             await asyncio.wait_for(self._connected.wait(), timeout_s)
             return True
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             return False
 
     # --- public publishing API ------------------------------------------------------------------------
@@ -439,7 +439,8 @@ class MqttPublisher:
                         prior_scale=repr(float(getattr(result, "prior_scale", 1.0))))
             user.update(extra or {})
             topic_kind = f"preview/{kind}" if tier == "preview" else kind
-            out.append(self._message(source, topic_kind, payload, user, content_type, int(cfg.qos), retain=False))
+            out.append(self._message(source, topic_kind, payload, user, content_type, int(cfg.qos),
+                                     retain=False))
         return out
 
     def _message(
@@ -605,7 +606,7 @@ class MqttPublisher:
                 return
             try:
                 await asyncio.wait_for(self._stop.wait(), delay)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 pass
             delay = min(delay * 2, float(self.cfg.reconnect_max_s))
 
@@ -694,7 +695,7 @@ class MqttPublisher:
         self._inflight += 1
         try:
             await asyncio.wait_for(publish_or_disconnect(), timeout)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise _Timeout(
                 f"publish to {msg.topic} ({msg.packet_size} bytes) timed out after {timeout}s"
             ) from None

@@ -18,7 +18,8 @@ from daemon.viewer import routes
 from daemon.viewer.hub import ResultsHub
 
 
-def build_web(cfg: Config, metrics: Metrics) -> tuple[WebrtcSources, ResultsHub, Callable[[web.Application], None]]:
+def build_web(cfg: Config, metrics: Metrics) -> tuple[WebrtcSources, ResultsHub,
+                                                      Callable[[web.Application], None]]:
     limit_ice_addresses(cfg.http.bind)
     g = cfg.geometry
     sources: dict[str, WebrtcSource] = {}

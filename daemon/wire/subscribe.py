@@ -6,9 +6,7 @@ frame_index) using each message's ``frame_parts`` property and yields one ``Rece
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import logging
 import time
 from collections import OrderedDict
