@@ -24,7 +24,6 @@ import ssl
 import sys
 import tomllib
 import typing
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -100,9 +99,8 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
     __str__ = __repr__
 
-    def __rich_repr__(self) -> Iterator[tuple[str, Any]]:  # rich's pretty printer: same scrubbing
-        for f in self.__struct_fields__:
-            yield f, _scrub_value(f, getattr(self, f))
+    def __rich_repr__(self) -> list[tuple[str, Any]]:  # rich's pretty printer: same scrubbing
+        return [(f, _scrub_value(f, getattr(self, f))) for f in self.__struct_fields__]
 
 
 class ModelConfig(_Section, frozen=True, kw_only=True):

@@ -37,7 +37,8 @@ def _bearer(header: str) -> str | None:
 def build_app(metrics_fn: Callable[[], bytes], health_fn: HealthFn, token: str = "",
               setup: Callable[[web.Application], None] | None = None) -> web.Application:
     @web.middleware
-    async def auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    async def auth(request: web.Request,
+                   handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         public = request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PATH_PREFIXES)
         if token and not public:
             header = request.headers.get("Authorization", "")

@@ -156,7 +156,7 @@ class Metrics:
         except OSError:
             pass
         self.device_memory.labels("rss").set(rss)
-        if jt is not None and getattr(getattr(jt, "flags", None), "use_cuda", 0):
+        if jt is not None and getattr(getattr(jt, "flags", None), "use_cuda", False):
             try:
                 info = jt.get_mem_info() if hasattr(jt, "get_mem_info") else None
                 used = getattr(info, "total_cuda_used", None) if info is not None else None

@@ -557,7 +557,7 @@ class GeometryCrafter:
             self._after_call()
             if progress is not None:
                 progress(z.shape[0])
-        return tuple(np.concatenate(o) for o in outs)  # type: ignore[return-value]
+        return np.concatenate(outs[0]), np.concatenate(outs[1]), np.concatenate(outs[2])
 
     @staticmethod
     def latents_to_z(latents: np.ndarray) -> np.ndarray:
@@ -739,7 +739,8 @@ class StreamingSession:
         self.stats_policy = stats_policy
         self.stats_params = stats_params or PolicyParams()
         self._policy = StreamStats(stats_policy, self.stats_params)
-        self.focal: tuple[np.ndarray, np.ndarray] | None = None  # fixed (fx, fy) in grid units
+        # fixed (fx, fy) in grid units: numpy scalars (or 0-d arrays)
+        self.focal: tuple[np.ndarray | np.floating[Any], np.ndarray | np.floating[Any]] | None = None
         self._focal_segment = -1  # segment the fixed focal belongs to (follow)
         self.timings: dict[str, float] = {}
         self.windows_done = 0
@@ -871,8 +872,8 @@ class StreamingSession:
                 log.info("fixed focal anchored on frames %d..%d (segment %d)", self._base + s,
                          self._base + e - 1,
                          seg)
-            ofx, ofy = (None, None) if old is None else (float(old[0]), float(old[1]))
-            nfx, nfy = follow_focal(None if old is None else (ofx, ofy), (float(cfx), float(cfy)),
+            nfx, nfy = follow_focal(None if old is None else (float(old[0]), float(old[1])),
+                                    (float(cfx), float(cfy)),
                                     self.stats_params)
             self.focal = (np.float32(nfx), np.float32(nfy))
             self._focal_segment = seg

@@ -196,19 +196,19 @@ class FrameRing:
         self._owner = owner
         self._shm = shm
         self._mm = mm
-        self._buf = buf
+        self._buf: memoryview | None = buf
         n, h, w = layout.n_slots, layout.height, layout.width
-        self._header = np.ndarray((_HEADER_WORDS,), np.uint64, buf, 0)
+        self._header: np.ndarray = np.ndarray((_HEADER_WORDS,), np.uint64, buf, 0)
         meta = layout.meta_offset
-        self._seq = np.ndarray((n,), np.uint64, buf, meta)
-        self._gen = np.ndarray((n,), np.uint64, buf, meta + 8 * n)
-        self._frame_index = np.ndarray((n,), np.int64, buf, meta + 16 * n)
-        self._pts = np.ndarray((n,), np.float64, buf, meta + 24 * n)
-        self._prior_gen = np.ndarray((n,), np.uint64, buf, meta + 32 * n)
-        self._refcount = np.ndarray((n,), np.uint64, buf, meta + 40 * n)
-        self._frames = np.ndarray((n, h, w, 3), np.uint8, buf, layout.frames_offset)
-        self._points = np.ndarray((n, h, w, 3), np.float32, buf, layout.points_offset)
-        self._mask = np.ndarray((n, h, w), np.bool_, buf, layout.mask_offset)
+        self._seq: np.ndarray = np.ndarray((n,), np.uint64, buf, meta)
+        self._gen: np.ndarray = np.ndarray((n,), np.uint64, buf, meta + 8 * n)
+        self._frame_index: np.ndarray = np.ndarray((n,), np.int64, buf, meta + 16 * n)
+        self._pts: np.ndarray = np.ndarray((n,), np.float64, buf, meta + 24 * n)
+        self._prior_gen: np.ndarray = np.ndarray((n,), np.uint64, buf, meta + 32 * n)
+        self._refcount: np.ndarray = np.ndarray((n,), np.uint64, buf, meta + 40 * n)
+        self._frames: np.ndarray = np.ndarray((n, h, w, 3), np.uint8, buf, layout.frames_offset)
+        self._points: np.ndarray = np.ndarray((n, h, w, 3), np.float32, buf, layout.points_offset)
+        self._mask: np.ndarray = np.ndarray((n, h, w), np.bool_, buf, layout.mask_offset)
         self._lock = threading.Lock()
         self._free: deque[int] = deque(range(n))
         self._refs = [0] * n
@@ -236,6 +236,7 @@ class FrameRing:
             shm = shared_memory.SharedMemory(name=name, create=True, size=layout.size)
         _created_here.add(name)
         buf = shm.buf
+        assert buf is not None  # a new segment is mapped
         ring = cls(name, buf, layout, owner=True, shm=shm, mm=None)
         hdr = ring._header
         hdr[1:6] = (VERSION, n_slots, height, width, os.getpid())
@@ -412,7 +413,7 @@ class FrameRing:
             if self._shm is not None:
                 del buf
                 self._shm.close()
-            elif self._mm is not None:
+            elif self._mm is not None and buf is not None:
                 buf.release()
                 self._mm.close()
         except BufferError:

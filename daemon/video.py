@@ -101,7 +101,7 @@ def read_frames(
     t = 0
     for img in iter_frames(path, stride, max_frames):
         if size is not None and tuple(size) != img.shape[:2]:
-            img = _resize_frame(img, tuple(size))
+            img = _resize_frame(img, (int(size[0]), int(size[1])))
         if out is None:
             out = np.empty((max(expected, 1), *img.shape), np.uint8)
         elif t == len(out):
@@ -132,6 +132,7 @@ def write_video(
     rate = Fraction(fps).limit_denominator(1000)
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=rate)
+        assert isinstance(stream, av.VideoStream)
         stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
         stream.pix_fmt = "yuv420p"
         if codec == "libx264":

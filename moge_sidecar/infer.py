@@ -38,10 +38,11 @@ from moge_sidecar.backbones import register_tiny_backbone
 log = logging.getLogger(__name__)
 
 
+# ``model`` below: a moge.model.v1/v2 MoGeModel (dlr-moge ships no type information)
 class MoGePrior:
     """A loaded MoGe model plus the settings of the pinned inference; call it on (B,3,H0,W0) [0,1] images."""
 
-    def __init__(self, model: torch.nn.Module, area_range: tuple[float, float], version: int,
+    def __init__(self, model: Any, area_range: tuple[float, float], version: int,
                  resolution_level: int = 9, fp16: bool = False) -> None:
         if not 0 <= resolution_level <= 9:
             raise ValueError(f"resolution_level must be in 0..9, got {resolution_level}")
@@ -66,7 +67,7 @@ class MoGePrior:
         return infer_pinned(self.model, image, self.area_range, self.resolution_level, self.fp16)
 
 
-def _forward_v1(model: torch.nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_v1(model: Any, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pinned `MoGeModel.forward` on an already resized image: points (B,h,w,3), raw mask (B,h,w)."""
     h, w = image.shape[-2:]
     image = (image - model.image_mean) / model.image_std
@@ -91,7 +92,7 @@ def _forward_v1(model: torch.nn.Module, image: torch.Tensor) -> tuple[torch.Tens
     return points, mask.squeeze(1).float()
 
 
-def infer_pinned(model: torch.nn.Module, image: torch.Tensor, area_range: tuple[float, float],
+def infer_pinned(model: Any, image: torch.Tensor, area_range: tuple[float, float],
                  resolution_level: int = 9, fp16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps (a)-(e) of the module docstring. image (B,3,H0,W0) float32 [0,1] on the model's device."""
     import utils3d

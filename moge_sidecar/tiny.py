@@ -50,7 +50,7 @@ VITS_MOGE_CONFIG: dict[str, Any] = {
 CONFIGS = {"tiny": TINY_MOGE_CONFIG, "vits": VITS_MOGE_CONFIG}
 
 
-def build_moge(config: dict[str, Any], seed: int = 0):
+def build_moge(config: dict[str, Any], seed: int = 0) -> Any:
     """Construct a random-weight MoGe v1 model from a checkpoint config (never touches the hub)."""
     from moge.model.v1 import MoGeModel
 
@@ -62,7 +62,7 @@ def build_moge(config: dict[str, Any], seed: int = 0):
     return model.eval()
 
 
-def _calibrate_mask(model, seed: int) -> None:
+def _calibrate_mask(model: Any, seed: int) -> None:
     """Rescale the mask head's last conv so that about half the pixels of an image are valid (raw > 0.5).
 
     A freshly initialised head puts every raw mask value near 0 (all invalid), which would leave focal/shift

@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import paho.mqtt.client as paho
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from daemon.cluster.assign import assign, relative_load, source_cost
@@ -417,7 +416,8 @@ class Controller:
             tls = aiomqtt.TLSParameters(ca_certs=m.ca_file or None) if m.tls else None
             client = aiomqtt.Client(m.host, m.port, identifier=f"geometryd-cluster-{int(time.time())}",
                                     username=m.username or None, password=m.password or None,
-                                    protocol=paho.MQTTv5, tls_params=tls, keepalive=m.keepalive_s)
+                                    protocol=aiomqtt.ProtocolVersion.V5, tls_params=tls,
+                                    keepalive=m.keepalive_s)
             await client.__aenter__()
             self._mqtt = client
         return self._mqtt

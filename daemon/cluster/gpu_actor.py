@@ -21,8 +21,9 @@ import os
 import threading
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVarTuple, Unpack
 
 import msgspec
 
@@ -32,11 +33,14 @@ from daemon.supervisor import Daemon
 
 log = logging.getLogger(__name__)
 
+_Ts = TypeVarTuple("_Ts")
+
 
 class _NoSignalLoop(asyncio.SelectorEventLoop):
     """An event loop for a daemon in a worker thread: signal handlers are the process owner's business."""
 
-    def add_signal_handler(self, sig: int, callback: Any, *args: Any) -> None:  # noqa: ARG002
+    def add_signal_handler(self, sig: int, callback: Callable[[Unpack[_Ts]], object],
+                           *args: *_Ts) -> None:  # noqa: ARG002
         return None
 
 

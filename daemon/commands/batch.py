@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     return _summarise(results, time.perf_counter() - t0)
 
 
-def _progress(total: int, disabled: bool):  # noqa: ANN202 - tqdm or None
+def _progress(total: int, disabled: bool) -> tqdm | None:
     if disabled or not total or not sys.stderr.isatty():
         return None
 

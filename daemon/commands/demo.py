@@ -69,6 +69,7 @@ def synthetic_clip(path: Path, n: int, height: int, width: int, fps: int = 24) -
     with av.open(str(path), "w") as out:
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         stream = out.add_stream(codec, rate=fps)
+        assert isinstance(stream, av.VideoStream)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if codec == "mpeg4":
             stream.bit_rate = 4_000_000
@@ -281,6 +282,7 @@ async def _start_subscriber(port: int, received: dict[int, Any]) -> tuple[asynci
     async def consume() -> None:
         async for f in iter_frames("127.0.0.1", port, "demo", "sample", ready=ready):
             received[f.frame_index] = f
+            assert f.depth is not None and f.depth_valid is not None  # the demo's frames carry depth
             v = f.depth[f.depth_valid]
             stats = (f"depth min {v.min():7.3f}  median {float(np.median(v)):7.3f}  "
                      f"max {v.max():7.3f}") if v.size else "depth: no valid pixel          "

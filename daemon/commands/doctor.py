@@ -95,7 +95,7 @@ print({_JSON_MARK!r} + json.dumps({{
 """
 
 
-def run_jittor_import(timeout_s: float, notice: Callable[[str], None]) -> tuple[dict | None, str]:
+def run_jittor_import(timeout_s: float, notice: Callable[[str], None]) -> tuple[dict[str, Any] | None, str]:
     """Import Jittor in a child; returns (probe result, error text). Prints a notice while it compiles."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), str(_PROJECT_ROOT)) if p)
@@ -342,7 +342,8 @@ def run_checks(jittor_dir: Path | None = None, jittor_timeout_s: float = 900.0,
     with ThreadPoolExecutor(max_workers=4) as pool:
         if numpy_check.status == FAIL or jittor_check.status == FAIL:
             why = "numpy check failed" if numpy_check.status == FAIL else "Jittor is not installed"
-            imported = pool.submit(lambda: (None, f"not tried: {why}"))
+            not_tried: tuple[dict[str, Any] | None, str] = (None, f"not tried: {why}")
+            imported = pool.submit(lambda: not_tried)
         else:
             imported = pool.submit(run_jittor_import, jittor_timeout_s, notice)
         release_f = pool.submit(nvcc_release, nvcc)

@@ -23,8 +23,8 @@ from daemon.jittor_env import import_jittor
 from daemon.model import conv_cpu, norm_cpu
 from daemon.model.attention import attention
 
-jt = import_jittor()
-nn = jt.nn
+jt: Any = import_jittor()  # a module; typed Any so that jt.nn.Module can be a base class
+nn: Any = jt.nn
 
 Var = Any  # jittor.Var
 

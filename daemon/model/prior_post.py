@@ -40,7 +40,7 @@ class PriorStats:
     hi: np.float32  # max over frames of the 99 % disparity quantile
 
 
-def _mean(x: np.ndarray, axis: tuple[int, ...] | None = None) -> np.ndarray:
+def _mean(x: np.ndarray, axis: tuple[int, ...] | None = None) -> np.ndarray | np.float32:
     return np.mean(x, axis=axis, dtype=np.float64).astype(np.float32)
 
 

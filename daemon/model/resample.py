@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 
@@ -135,7 +136,7 @@ def _bands(mode_or_key: object, n_in: int, n_out: int, dtype: str,
 def _dense_weights(key: object, n_in: int, n_out: int) -> np.ndarray:
     if isinstance(key, str):
         return _WEIGHTS[key](n_in, n_out)
-    name, *params = key  # type: ignore[misc]
+    name, *params = cast("tuple[Any, ...]", key)
     if name == "resize224":
         ksize, sigma, n224 = params
         return bicubic_align_corners_weights(n_in, n224) @ gaussian_blur_weights(n_in, ksize, sigma)

@@ -163,6 +163,7 @@ class FollowStats:
             target = _target(stats[first:e])
             assert self._state is not None
             old = self._state
+            step: tuple[float, ...]
             if target is None:
                 step = (0.0, 0.0, 0.0)
             else:

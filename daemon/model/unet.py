@@ -32,8 +32,8 @@ from daemon.model.blocks import (
 from daemon.model.loader import CheckpointError, find_weights, load_into, read_config
 from daemon.model.transformer import TransformerSpatioTemporalModel
 
-jt = import_jittor()
-nn = jt.nn
+jt: Any = import_jittor()  # a module; typed Any so that jt.nn.Module can be a base class
+nn: Any = jt.nn
 log = logging.getLogger(__name__)
 
 Var = Any  # jittor.Var
@@ -75,7 +75,8 @@ class UNetConfig:
     def from_dict(cls, config: dict[str, Any]) -> UNetConfig:
         """Keep known keys (lists become tuples); ``_class_name`` etc. are ignored."""
         known = {f.name for f in fields(cls)}
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in known}
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
+                                  if k in known}
         return cls(**kwargs)
 
 

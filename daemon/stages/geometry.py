@@ -295,7 +295,7 @@ class GeometryWorker:
         msg = ("window", source, ring.name, wire, first_seq)
         for attempt in (1, 2):
             try:
-                return await self.request(msg, self.deadline_s)  # type: ignore[no-any-return]
+                return await self.request(msg, self.deadline_s)
             except GeometryFault as fault:
                 log.error("geometry worker fault: %s", fault,
                           extra={"source": source, "attempt": attempt, "reason": fault.reason})
@@ -307,7 +307,7 @@ class GeometryWorker:
     async def flush(self, source: str) -> list[Any]:
         """The source's held-back frames; after a fault the restarted worker has none (returns [])."""
         try:
-            return await self.request(("flush", source), self.deadline_s)  # type: ignore[no-any-return]
+            return await self.request(("flush", source), self.deadline_s)
         except GeometryFault as fault:
             await self.recover(fault)
             raise

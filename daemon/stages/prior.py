@@ -213,6 +213,7 @@ class PriorSidecar:
         except SidecarUnavailable:
             await self._teardown(signal.SIGKILL, grace=0)
             raise
+        assert self._reader is not None  # set by the connect above
         self._read_task = asyncio.create_task(self._read_loop(self._reader, self._proc), name="prior-read")
         self._connected.set()
 
@@ -283,7 +284,8 @@ class PriorSidecar:
             except json.JSONDecodeError:
                 log.warning("unparsable line from MoGe sidecar", extra={"line": line[:200]})
                 continue
-            fut = self._pending.pop(msg.get("id"), None) if isinstance(msg, dict) else None
+            rid = msg.get("id") if isinstance(msg, dict) else None
+            fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
             if fut is not None and not fut.done():
                 fut.set_result(msg)
         # EOF: the sidecar died or closed the connection

@@ -551,11 +551,12 @@ class MqttPublisher:
         # aiomqtt ignores CONNACK properties; the broker's Maximum Packet Size is the limit that matters.
         # PATCH(aiomqtt==2.5.1): its private paho client, to chain on_connect and read CONNACK properties
         paho_client = client._client
-        on_connect = paho_client.on_connect
+        on_connect: Callable[..., None] | None = paho_client.on_connect
 
         def capture_connack(c: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
             self._broker_max_packet = getattr(properties, "MaximumPacketSize", None) if properties else None
-            on_connect(c, userdata, flags, reason, properties)
+            if on_connect is not None:
+                on_connect(c, userdata, flags, reason, properties)
 
         paho_client.on_connect = capture_connack
         return client
@@ -669,7 +670,8 @@ class MqttPublisher:
             self._wake.clear()
             wake = asyncio.ensure_future(self._wake.wait())
             try:
-                await asyncio.wait({wake, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+                waiting: set[asyncio.Future[Any]] = {wake, disconnected}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 wake.cancel()
             if disconnected.done():

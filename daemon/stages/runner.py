@@ -101,6 +101,12 @@ class SourceRunner:
         self.preview_scale = PreviewScale(cfg.streaming.cut_threshold)
         self._preview_pending: set[int] = set()  # seqs whose preview was not yet handed to a sink
 
+    @property
+    def _ring(self) -> FrameRing:
+        """The source's ring, which the supervisor creates before :meth:`run`."""
+        assert self.ring is not None, f"source {self.name}: no ring yet"
+        return self.ring
+
     def _make_ingest(self) -> Any:
         g = self.d.cfg.geometry
         src = self.src
@@ -119,7 +125,7 @@ class SourceRunner:
                               reconnect_max_s=src.reconnect_max_s, on_reconnect=on_reconnect,
                               on_up=lambda up: m.source_up.labels(self.name).set(1 if up else 0),
                               on_error=lambda kind: m.source_errors.labels(self.name, kind).inc())
-        if src.type == "webrtc":  # sessions arrive through WHIP (stages/ingest_webrtc.py)
+        if src.type == "webrtc" and self.d.webrtc is not None:  # sessions arrive through WHIP (ingest_webrtc)
             return self.d.webrtc.get(self.name)
         raise NotImplementedError(f"source {self.name}: type {src.type!r} is not served by this build")
 
@@ -196,7 +202,7 @@ class SourceRunner:
                 ref = None
                 while ref is None:
                     try:
-                        ref = self.ring.write_frame(fr.image, idx, fr.pts)
+                        ref = self._ring.write_frame(fr.image, idx, fr.pts)
                     except RingFullError:
                         if live:
                             break
@@ -262,11 +268,11 @@ class SourceRunner:
                         end = True
                         break
                     batch.append(nxt)
-                need = [r for r, _, _ in batch if not self.ring.has_prior(r)]
+                need = [r for r, _, _ in batch if not self._ring.has_prior(r)]
                 ok = True
                 try:
                     if need:
-                        await self.d.sidecar.compute(self.ring, need)
+                        await self.d.sidecar.compute(self._ring, need)
                 except Exception as exc:  # the window's own prior request retries these frames
                     ok = False
                     log.warning("prior of arriving frames failed", extra={"source": self.name,
@@ -291,9 +297,9 @@ class SourceRunner:
 
     def _copy_prior(self, ref: Any, meta: FrameMeta) -> tuple[Any, Any] | None:
         try:
-            points = self.ring.prior_points(ref).copy()
-            mask = self.ring.prior_mask(ref).copy()
-            self.ring.verify(ref)
+            points = self._ring.prior_points(ref).copy()
+            mask = self._ring.prior_mask(ref).copy()
+            self._ring.verify(ref)
         except Exception as exc:  # the slot was reused (cannot happen while its window waits for it)
             log.warning("preview lost", extra={"source": self.name, "seq": meta.seq, "error": str(exc)})
             return None
@@ -335,7 +341,7 @@ class SourceRunner:
                 await self.geo_q.put(win)
                 continue
             await self._wait_frame_priors(win)
-            need = [r for r in win.refs if not self.ring.has_prior(r)]
+            need = [r for r in win.refs if not self._ring.has_prior(r)]
             t0 = time.monotonic()
             try:
                 if need:
@@ -362,7 +368,7 @@ class SourceRunner:
         sidecar = self.d.sidecar
         while True:
             try:
-                await sidecar.compute(self.ring, refs)
+                await sidecar.compute(self._ring, refs)
                 return
             except SidecarBudgetExhausted as exc:
                 if self.src.type == "file" or self.d.stop_event.is_set():
@@ -388,7 +394,7 @@ class SourceRunner:
             t0 = time.monotonic()
             self.in_geometry = True
             try:
-                results = await worker.push_window(self.name, self.ring, win.refs, win.first_seq)
+                results = await worker.push_window(self.name, self._ring, win.refs, win.first_seq)
             except GeometryUnavailable as exc:
                 self._drop_through(win, worker.last_fault or "geometry_crash")
                 self._release(win)
@@ -432,7 +438,7 @@ class SourceRunner:
         if self._session_gen != worker.generation and self.inflight:  # held back by a worker that died
             self._drop_before(self._seq, worker.last_fault or "geometry_crash")
         for ref in self.builder.release_carry():
-            self.ring.release(ref)
+            self._ring.release(ref)
 
     def _drop_before(self, seq: int, reason: str) -> None:
         """Count admitted frames below ``seq`` that have no result (held back in a lost session)."""
@@ -450,7 +456,7 @@ class SourceRunner:
 
     def _release(self, win: Window) -> None:
         for ref in self.builder.done(win):
-            self.ring.release(ref)
+            self._ring.release(ref)
 
     def _drop_frames(self, metas: list[FrameMeta], reason: str) -> None:
         n = sum(1 for meta in metas if self.inflight.pop(meta.seq, None) is not None)
@@ -494,6 +500,7 @@ class SourceRunner:
                 m.drop(self.name, f"mqtt_{reason}")
 
         if batch:
+            assert self.d.mqtt is not None  # batch only fills when there is a publisher
             extra = [{"window_fps": f"{metas[r.frame_index].window_fps:.4f}"} for r in batch]
             await self.d.mqtt.publish_frames(self.name, batch, [metas[r.frame_index].pts for r in batch],
                                              on_done=done, extra=extra)

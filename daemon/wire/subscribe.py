@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,7 +131,7 @@ async def iter_frames(
     identifier: str | None = None,
     ready: asyncio.Event | None = None,
     max_pending: int = 64,
-) -> AsyncIterator[ReceivedFrame]:
+) -> AsyncGenerator[ReceivedFrame, None]:
     """Yield decoded frames of ``source`` (``+`` = all) as they complete; ``ready`` is set once subscribed.
 
     A frame is complete when every part named by its ``frame_parts`` property arrived. Incomplete frames
