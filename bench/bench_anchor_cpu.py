@@ -1,6 +1,7 @@
 """The CPU anchor (issue 19): geometryd's pipeline vs the torch reference pipeline, per stage, same run.
 
-Both sides get the same tiny random weights in the official layout (``daemon.weights.tiny.make_tiny``, MoGe left
+Both sides get the same tiny random weights in the official layout (``daemon.weights.tiny.make_tiny``, MoGe
+left
 out), the same frames and priors (``tests.pipeline_fixtures.synthetic_clip``), the same injected noise, fp32.
 The torch side is ``tests/torch_ref_pipeline.TorchRefPipeline`` (diffusers/transformers networks + the torch
 point-map VAE reference); its stages are cut at the same boundaries as geometryd's ``GeometryOutput.timings``
@@ -8,7 +9,8 @@ point-map VAE reference); its stages are cut at the same boundaries as geometryd
 decode (point-map decoder). "total" is the wall time of one whole call on either side (prior/post included).
 
 Anchor (full): 26 frames 136x232 -> 128x256, window 9, overlap 3, 4 steps, decode chunk 5.
-``--short``: 7 frames 72x100 -> 64x128, window 3, overlap 1, 2 steps, decode chunk 3 (the parity test's setup).
+``--short``: 7 frames 72x100 -> 64x128, window 3, overlap 1, 2 steps, decode chunk 3 (the parity test's
+setup).
 geometryd runs once untimed first (Jittor compiles its kernels for the shapes; torch has nothing to warm up
 beyond its first layer calls), then ``--runs`` timed rounds in which the two sides alternate (the machine is
 shared: a ratio is taken within a round, and the reported

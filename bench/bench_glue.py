@@ -1,4 +1,5 @@
-"""Host-side glue of one streaming window, step by step, numpy (what the daemon runs) vs torch CPU (reference).
+"""Host-side glue of one streaming window, step by step, numpy (what the daemon runs) vs torch CPU
+(reference).
 
 One window of ``window`` frames with ``stride`` new ones (default 110 / 85, the shipped config) at a
 processing size H x W from a source (frames, prior, outputs) of H0 x W0:
@@ -67,7 +68,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def make_inputs(window: int, stride: int, size: tuple[int, int], src: tuple[int, int], seed: int = 0) -> dict:
-    """Synthetic window: a noisy tilted plane as prior (~85 % valid), textured frames, random decoder heads."""
+    """Synthetic window: a noisy tilted plane as prior (~85 % valid), textured frames, random decoder
+    heads."""
     rng = np.random.default_rng(seed)
     (h, w), (h0, w0) = size, src
     yy = np.linspace(-1, 1, h0, dtype=np.float32)[:, None]
@@ -185,7 +187,9 @@ def torch_steps(d: dict) -> dict[str, Callable[[], Any]]:
     bil = lambda x, s: F.interpolate(x, size=s, mode="bilinear", align_corners=False)  # noqa: E731
 
     def grid(h: int, w: int) -> tuple[Any, Any]:
-        return (torch.linspace(0, w - 1, w) / (w - 1) - 0.5) * 2, (torch.linspace(0, h - 1, h) / (h - 1) - 0.5) * 2
+        gx = (torch.linspace(0, w - 1, w) / (w - 1) - 0.5) * 2
+        gy = (torch.linspace(0, h - 1, h) / (h - 1) - 0.5) * 2
+        return gx, gy
 
     def stats() -> tuple[Any, Any, Any]:
         pz, valid = points[..., 2], mask.float()
@@ -267,7 +271,9 @@ def torch_steps(d: dict) -> dict[str, Callable[[], Any]]:
     def focal() -> Any:
         vf = valid_t.float()
         den = vf.mean((1, 2, 3), keepdim=True) + 1e-4
-        return (fx_t * vf).mean((1, 2, 3), keepdim=True) / den, (fy_t * vf).mean((1, 2, 3), keepdim=True) / den
+        fx = (fx_t * vf).mean((1, 2, 3), keepdim=True) / den
+        fy = (fy_t * vf).mean((1, 2, 3), keepdim=True) / den
+        return fx, fy
 
     gx_o, gy_o = grid(*src)
 
@@ -337,8 +343,9 @@ def bench_size(size: tuple[int, int], window: int, stride: int, repeats: int,
 
 def summary_line(res: dict[str, Any]) -> str:
     s = res["steps"][res["slowest_step"]]
-    return (f"glue {res['size']}: total {res['total_numpy_ms_per_new_frame']:.2f} ms per new frame; slowest step "
-            f"{res['slowest_step']} {s['numpy_ms_per_new_frame']:.2f} ms (torch {s['torch_ms_per_new_frame']:.2f} ms)")
+    return (f"glue {res['size']}: total {res['total_numpy_ms_per_new_frame']:.2f} ms per new frame; "
+            f"slowest step {res['slowest_step']} {s['numpy_ms_per_new_frame']:.2f} ms "
+            f"(torch {s['torch_ms_per_new_frame']:.2f} ms)")
 
 
 def run(sizes: list[tuple[int, int]], window: int, stride: int, repeats: int, out: Path,

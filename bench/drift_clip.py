@@ -131,8 +131,9 @@ def main() -> int:
         figs = compare(w, o)
         result[name] = {p: vars(f) for p, f in figs.items()}
         for p, f in figs.items():
-            print(f"{name:18s} {p:7s} outside [-1,1] {f.frac_outside:7.2%}  scale error mean {f.scale_error_mean:.3f} "
-                  f"max {f.scale_error_max:.3f}  max jump {f.max_jump:.3f}  "
+            print(f"{name:18s} {p:7s} outside [-1,1] {f.frac_outside:7.2%}  "
+                  f"scale error mean {f.scale_error_mean:.3f} max {f.scale_error_max:.3f}  "
+                  f"max jump {f.max_jump:.3f}  "
                   f"max step of log s in a segment {f.max_step_in_segment:.4f}  segments {f.segments}")
     out = Path(__file__).resolve().parent / "results" / "drift_clip.json"
     out.write_text(json.dumps({"clip": {"frames": FRAMES, "cut": CUT, "size": [H0, W0]}, **result}, indent=1))

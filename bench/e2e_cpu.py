@@ -11,7 +11,8 @@ Two modes, reported separately and never mixed:
 
 Per mode: frames/s over the serving period (READY=1 -> exit; startup and warm-up are reported apart),
 per-frame latency percentiles (decode -> published, measured by the daemon), peak RSS of the daemon's
-process tree (daemon, geometry worker process, sidecar; sampled from /proc every 50 ms) and MQTT publish counts.
+process tree (daemon, geometry worker process, sidecar; sampled from /proc every 50 ms) and MQTT publish
+counts.
 
     python bench/e2e_cpu.py [--modes pipeline,plumbing] [--frames 48] [--height 576 --width 1024]
 Writes bench/results/e2e_cpu.json.
@@ -52,7 +53,8 @@ class E2EParams:
     steps: int = 2
     variant: str = "diff"
     timeout_s: float = 900.0
-    decode_chunk: int = 0  # 0: min(8, stride); the session decodes in chunks, so a chunk > stride delays output
+    # 0: min(8, stride); the session decodes in chunks, so a chunk > stride delays output
+    decode_chunk: int = 0
     # False: frames offered as fast as the daemon takes them (throughput; latency then includes queueing);
     # True: paced at the clip's 24 fps (latency of a live source)
     realtime: bool = False

@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         out["profiles"][name] = run_profile(work / name, model, clip, w, o, args.steps)
         r = out["profiles"][name]
         print(f"{name:12s} window {w}/{o}: preview p50 {r['preview_latency_s']['p50']:.3f} s "
-              f"p99 {r['preview_latency_s']['p99']:.3f} s | refined p50 {r['refined_latency_s']['p50']:.2f} s "
+              f"p99 {r['preview_latency_s']['p99']:.3f} s | "
+              f"refined p50 {r['refined_latency_s']['p50']:.2f} s "
               f"p99 {r['refined_latency_s']['p99']:.2f} s | in {r['frames_in']} out {r['frames_out']} "
               f"skipped {r['skipped']}", flush=True)
         save()

@@ -1,5 +1,6 @@
 """Peak RSS of `geometryd process` on a 3840x2160 clip (issue #18): PyAV writes the clip, the tiny model
-processes it at a small working size, /proc is sampled every 20 ms for the daemon process and its MoGe sidecar.
+processes it at a small working size, /proc is sampled every 20 ms for the daemon process and its MoGe
+sidecar.
 Writes bench/results/process_memory.json. Run: PYTHONPATH=. .venv/bin/python bench/process_memory.py"""
 
 from __future__ import annotations

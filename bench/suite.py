@@ -116,10 +116,12 @@ def run_suite(short: bool, results: Path, skip_components: bool = False,
     suite["wall_s"] = round(time.monotonic() - t0, 2)
     suite["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     suite["machine"] = machine_info()
-    suite["ok"] = all("error" not in r for r in runs) and all(c["returncode"] == 0 for c in suite["components"])
+    suite["ok"] = (all("error" not in r for r in runs)
+                   and all(c["returncode"] == 0 for c in suite["components"]))
     _write(results / "suite.json", suite)
     if report_path is None:
-        report_path = REPO / "bench" / "REPORT.md" if results == REPO / "bench" / "results" else results / "REPORT.md"
+        default = results == REPO / "bench" / "results"
+        report_path = REPO / "bench" / "REPORT.md" if default else results / "REPORT.md"
     suite["report"] = str(write_report(results, report_path))
     return suite
 
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     results = args.results or (REPO / "bench" / "results" / ("short" if args.short else ""))
     suite = run_suite(args.short, results.resolve(), args.skip_components)
     status = "ok" if suite["ok"] else "FAILED (see suite.json)"
-    print(f"geometryd bench: {status} in {suite['wall_s']} s; results in {results}; report: {suite['report']}")
+    print(f"geometryd bench: {status} in {suite['wall_s']} s; results in {results}; "
+          f"report: {suite['report']}")
     return 0 if suite["ok"] else 1
 
 

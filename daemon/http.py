@@ -21,7 +21,8 @@ from daemon.http_guard import ConnectionLimits, GuardedAppRunner
 HealthFn = Callable[[], dict[str, Any]]
 
 
-# The viewer's built JS/CSS bundle carries no data; browsers load it from <script> tags that cannot send a token.
+# The viewer's built JS/CSS bundle carries no data; browsers load it from <script> tags that cannot send a
+# token.
 PUBLIC_PATH_PREFIXES = ("/viewer/assets/",)
 PUBLIC_PATHS = frozenset({"/healthz"})  # config.toml: "every request except /healthz"
 

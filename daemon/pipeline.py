@@ -291,7 +291,8 @@ def round_to_fp16(x: np.ndarray) -> np.ndarray:
     numpy's float16 casts are scalar loops (~13x a float32 pass on the 2-core box); this rounds the float32
     bit pattern at the fp16 mantissa width instead, with fp16's subnormal range (|x| < 2^-14, a fixed step of
     2^-24) rounded by adding and removing 0.75. Checked against the cast on edge cases and 1.2 M random values
-    (tests/test_glue_fast.py) and on the float32 values of [-1, 1] an exhaustive run reached (no mismatch). Values
+    (tests/test_glue_fast.py) and on the float32 values of [-1, 1] an exhaustive run reached (no mismatch).
+    Values
     outside the fp16 range (or NaN) take numpy's cast.
     """
     x = np.ascontiguousarray(x, np.float32)
@@ -851,7 +852,8 @@ class StreamingSession:
         return np.concatenate(parts)
 
     def _fixed_focal(self, maps: DecodedMaps, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per-frame (fx, fy) of the fixed focal: frozen from the first chunk, or under ``follow`` anchored per
+        """Per-frame (fx, fy) of the fixed focal: frozen from the first chunk, or under ``follow`` anchored
+        per
         segment and smoothed per decode chunk (daemon.model.streaming_stats.follow_focal)."""
         if self.stats_policy == "frozen":
             if self.focal is None:

@@ -195,8 +195,8 @@ class Daemon:
     async def _start_sidecar(self, stack: contextlib.AsyncExitStack) -> None:
         ckpt = self.cfg.prior_checkpoint()
         lg = self.cfg.logging
-        self.sidecar = PriorSidecar(self.cfg.prior, ckpt, log_level=lg.level,  # interpreter: prior.python or ours
-                                    log_format=lg.format)
+        # interpreter: prior.python or ours
+        self.sidecar = PriorSidecar(self.cfg.prior, ckpt, log_level=lg.level, log_format=lg.format)
         log.info("starting prior sidecar", extra={"checkpoint": str(ckpt)})
         await self.sidecar.start()
         stack.push_async_callback(self._stop_sidecar)
@@ -209,7 +209,8 @@ class Daemon:
         cfg = self.cfg
         params = SessionParams.from_config(cfg.geometry, cfg.streaming)
         if self.identity_delay is not None:
-            log.warning("PLUMBING-ONLY identity geometry selected: outputs are the prior, not GeometryCrafter")
+            log.warning("PLUMBING-ONLY identity geometry selected: "
+                        "outputs are the prior, not GeometryCrafter")
             spec = ProcessorSpec("identity", params, identity_delay_s=self.identity_delay,
                                  log_level=cfg.logging.level, log_format=cfg.logging.format)
         else:
@@ -246,7 +247,8 @@ class Daemon:
             stack.callback(self.files.close)
 
     async def _serve(self) -> int:
-        tasks = {name: asyncio.create_task(r.run(), name=f"source-{name}") for name, r in self.runners.items()}
+        tasks = {name: asyncio.create_task(r.run(), name=f"source-{name}")
+                 for name, r in self.runners.items()}
         self.state = "ready"
         self.progress.progress(time.monotonic())
         sdnotify.notify(f"READY=1\nSTATUS=serving {len(tasks)} source(s)\nMAINPID={os.getpid()}")
@@ -359,8 +361,8 @@ class Daemon:
         codes) and the services' state (``"<code>: <detail>"``). Empty: healthy."""
         if self.state != "ready":
             return []
-        return self.progress_reasons(now) + self.service_reasons(self._sidecar_up(),
-                                                                  self.worker is not None and self.worker.alive)
+        worker_alive = self.worker is not None and self.worker.alive
+        return self.progress_reasons(now) + self.service_reasons(self._sidecar_up(), worker_alive)
 
     def progress_reasons(self, now: float | None = None) -> list[str]:
         """Why the pipeline is not making progress (empty: it is), see daemon/progress.py."""

@@ -83,7 +83,8 @@ def plan_from_env() -> Plan:
     if os.environ.get("GD_BENCH_STEPS"):
         over["steps"] = int(os.environ["GD_BENCH_STEPS"])
     if os.environ.get("GD_BENCH_SIZES"):
-        over["sizes"] = tuple(tuple(int(v) for v in s.split("x")) for s in os.environ["GD_BENCH_SIZES"].split(","))
+        sizes = os.environ["GD_BENCH_SIZES"].split(",")
+        over["sizes"] = tuple(tuple(int(v) for v in s.split("x")) for s in sizes)
     if os.environ.get("GD_BENCH_VARIANTS"):
         over["variants"] = tuple(os.environ["GD_BENCH_VARIANTS"].split(","))
     return Plan(**{**asdict(plan), **over}) if over else plan

@@ -294,7 +294,8 @@ def bench_prior(plan: common.Plan, size: tuple[int, int]) -> dict[str, Any]:
         r = common.timed(run, lambda: _sync(plan.device), plan.reps)
     return {**r, "tokens": th * tw, "grid": [th, tw], "frames": plan.chunk,
             "per_frame_ms": round(1e3 * r["median_s"] / plan.chunk, 3),
-            "what": "ViT-L/14-shaped torch encoder at MoGe's token count (substitute for MoGe ViT-L; head excluded)"}
+            "what": "ViT-L/14-shaped torch encoder at MoGe's token count "
+                    "(substitute for MoGe ViT-L; head excluded)"}
 
 
 def bench(plan: common.Plan, model_dir: Path, work: Path, budget: common.Budget, out: Path) -> dict[str, Any]:

@@ -160,7 +160,8 @@ def _progress(total: int, disabled: bool) -> tqdm | None:
 def _summarise(results: list[VideoResult], seconds: float) -> int:
     n = {s: sum(1 for r in results if r.status == s) for s in ("ok", "skipped", "failed")}
     failed = [r for r in results if r.status == "failed"]
-    line = f"{n['ok']} ok, {n['skipped']} skipped, {n['failed']} failed of {len(results)} inputs in {seconds:.1f} s"
+    line = (f"{n['ok']} ok, {n['skipped']} skipped, {n['failed']} failed of {len(results)} inputs in "
+            f"{seconds:.1f} s")
     if failed:
         first = failed[0]
         print(f"geometryd batch: {line}; first failure: {first.input}: {first.error}", file=sys.stderr)

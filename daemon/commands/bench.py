@@ -25,8 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run the benchmarks (CPU suite; --gpu: the GPU script)",
         description="CPU suite: end-to-end daemon throughput/latency/RSS on a generated 576x1024 clip (tiny "
                     "pipeline, and the plumbing alone with an IDENTITY geometry stage), plus the component "
-                    "benchmarks; JSON in bench/results/, report in bench/REPORT.md. --gpu runs bench/gpu/run.sh "
-                    "(Jittor vs PyTorch on full-size random-weight networks) on a CUDA machine.",
+                    "benchmarks; JSON in bench/results/, report in bench/REPORT.md. --gpu runs "
+                    "bench/gpu/run.sh (Jittor vs PyTorch on full-size random-weight networks) on a CUDA "
+                    "machine.",
     )
     p.add_argument("--short", action="store_true",
                    help="small CI-sized run (< ~2 min on 2 cores), results in "
@@ -38,8 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run-cpu", action="store_true",
                    help="with --gpu: the same script with tiny configs on CPU")
     p.add_argument("--glue", action="store_true",
-                   help="only the host-glue benchmark (bench/bench_glue.py: numpy "
-                                                      "steps of one window vs torch); --short: a smaller window")
+                   help="only the host-glue benchmark (bench/bench_glue.py: numpy steps of one window vs "
+                        "torch); --short: a smaller window")
     p.set_defaults(func=_cmd_bench)
 
 

@@ -46,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--workdir", default="var/demo", help="where the clip, config and previews go (var/demo)")
     p.add_argument("--model-dir", default=None,
-                   help="model folder in the official layout (default: build a tiny random one in var/tiny-model)")
+                   help="model folder in the official layout (default: build a tiny random one in "
+                        "var/tiny-model)")
     p.add_argument("--frames", type=int, default=32, help="frames in the generated clip (32)")
     p.add_argument("--height", type=int, default=64, help="processing height, multiple of 64 (64)")
     p.add_argument("--width", type=int, default=128, help="processing width, multiple of 64 (128)")
@@ -61,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # ---- sample clip -----------------------------------------------------------------------------------------
 
 def synthetic_clip(path: Path, n: int, height: int, width: int, fps: int = 24) -> None:
-    """A camera gliding over a textured floor towards a wall, with a box moving across (PyAV, H.264/MPEG-4)."""
+    """A camera gliding over a textured floor towards a wall, with a box moving across (PyAV,
+    H.264/MPEG-4)."""
     import av
 
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -158,7 +160,8 @@ def _free_port() -> int:
 
 
 def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int] | None:
-    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    sbin = "/usr/sbin/mosquitto"
+    exe = shutil.which("mosquitto") or (sbin if os.path.exists(sbin) else None)
     if exe is None:
         return None
     port = _free_port()
@@ -287,7 +290,8 @@ async def _start_subscriber(port: int, received: dict[int, Any]) -> tuple[asynci
             stats = (f"depth min {v.min():7.3f}  median {float(np.median(v)):7.3f}  "
                      f"max {v.max():7.3f}") if v.size else "depth: no valid pixel          "
             lat = f.latency_s
-            print(f"  frame {f.frame_index:4d}  window {f.window_id:2d}  {stats}  valid {f.depth_valid.mean():5.1%}"
+            print(f"  frame {f.frame_index:4d}  window {f.window_id:2d}  {stats}  "
+                  f"valid {f.depth_valid.mean():5.1%}"
                   + (f"  mqtt latency {lat * 1e3:6.1f} ms" if lat is not None else ""), flush=True)
 
     return asyncio.create_task(consume()), ready

@@ -446,7 +446,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def standalone(argv: list[str] | None = None) -> int:
-    """``python -m daemon.commands.doctor``: the doctor without the CLI, which imports every command module (and so
+    """``python -m daemon.commands.doctor``: the doctor without the CLI, which imports every command module
+    (and so
     fails before any check when, say, numpy is broken)."""
     parser = argparse.ArgumentParser(prog="geometryd")
     register(parser.add_subparsers(dest="command", required=True))

@@ -41,8 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="processing height, multiple of 64 (default: source)")
     p.add_argument("--width", type=int, default=0, help="processing width, multiple of 64 (default: source)")
     p.add_argument("--downsample-ratio", type=float, default=1.0,
-                   help="> 1: shrink frames by this factor (bicubic, antialiased) before everything, upsample "
-                        "the result back (bilinear) as run.py does (default 1.0)")
+                   help="> 1: shrink frames by this factor (bicubic, antialiased) before everything, "
+                        "upsample the result back (bilinear) as run.py does (default 1.0)")
     p.add_argument("--window-size", "--window", dest="window", type=int, default=110,
                    help="window size in frames (default 110)")
     p.add_argument("--overlap", type=int, default=25, help="window overlap in frames (default 25)")

@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(BM) flash_fwd(const T* __restrict__ q, const T
 }
 
 }  // namespace gd_attn
-"""
+"""  # noqa: E501 (two CUDA template lines; kernel source edits would recompile it)
 
 
 def set_enabled(flag: bool) -> None:
@@ -195,7 +195,8 @@ def launch_source(ctype: str, d: int, dv: int, scale: float) -> str:
         f"if (gd_n > 0 && gd_lq > 0) {{\n"
         f"  dim3 gd_grid((gd_lq + {BLOCK_M} - 1) / {BLOCK_M}, gd_n);\n"
         f"  gd_attn::flash_fwd<{ctype}, {d}, {dv}, {BLOCK_M}, {BLOCK_N}, {SUB}><<<gd_grid, {BLOCK_M}>>>(\n"
-        f"      ({ctype}*)in0_p, ({ctype}*)in1_p, ({ctype}*)in2_p, ({ctype}*)out0_p, gd_lq, gd_lk, {scale_log2}f);\n"
+        f"      ({ctype}*)in0_p, ({ctype}*)in1_p, ({ctype}*)in2_p, "
+        f"({ctype}*)out0_p, gd_lq, gd_lk, {scale_log2}f);\n"
         f"}}\n"
     )
 

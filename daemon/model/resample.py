@@ -177,7 +177,8 @@ def _apply_banded(x: np.ndarray, key_y: object, key_x: object, size: tuple[int, 
 
 
 def resize_hnw(xr: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
-    """:func:`resize` on rows-outermost float32 data: xr (H_in, N, W_in) -> (H_out, N, W_out), the same values.
+    """:func:`resize` on rows-outermost float32 data: xr (H_in, N, W_in) -> (H_out, N, W_out), the same
+    values.
 
     For callers that build this layout anyway (e.g. from (n, H, W, C) frames) and save two relayouts.
     """

@@ -1,4 +1,5 @@
-"""Prior statistics of a stream: which depth scale ``s`` and disparity range ``lo``/``hi`` normalise each frame.
+"""Prior statistics of a stream: which depth scale ``s`` and disparity range ``lo``/``hi`` normalise each
+frame.
 
 Pure numpy, no networks (docs/streaming.md "Statistics that follow the scene"). Two policies:
 

@@ -76,7 +76,8 @@ def write_preview(path: Path, frames: np.ndarray, depth: np.ndarray, mask: np.nd
 
 
 def write_png_depth(folder: Path, depth: np.ndarray, mask: np.ndarray) -> list[Path]:
-    """One ``depth_<i:06d>.png`` per frame: png16 of daemon.wire.encoding (inverse depth, tEXt scale/offset)."""
+    """One ``depth_<i:06d>.png`` per frame: png16 of daemon.wire.encoding (inverse depth, tEXt
+    scale/offset)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(depth.shape[0]):

@@ -1,6 +1,7 @@
 """One batch worker: the model loaded once, then one video file after another (`geometryd batch`).
 
-Same stages and parameters as `geometryd process` (daemon/offline/process.py): PyAV decode -> MoGe priors through the
+Same stages and parameters as `geometryd process` (daemon/offline/process.py): PyAV decode -> MoGe priors
+through the
 real sidecar process -> ``GeometryCrafter.__call__`` -> ``point_map`` float16 / ``mask`` bool npz. The
 difference is lifetime: the Jittor networks and the sidecar are started once per worker (a Ray actor, or the
 CLI process when serial) and reused for every video. The sidecar's asyncio supervisor runs on an event loop

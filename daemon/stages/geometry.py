@@ -9,15 +9,15 @@ source's shared-memory ring (one copy, on the way to the device).
 Pipe protocol (``multiprocessing`` Connection, pickled tuples; one request in flight at a time; every
 request is answered by ``("ok", value)`` or ``("error", "op: Type: message")``):
 
-    request                                        ok value                      daemon's time limit
-    ("load",)                                      model load seconds (float)    none at startup; restart_timeout_s
-    ("warmup",)                                    warm-up seconds (float)       none at startup; restart_timeout_s
-    ("window", source, ring, [(slot, gen, i)..],   [FrameResult, ..] now final   the window deadline
-               first_seq)
-    ("flush", source)                              [FrameResult, ..] held back   the window deadline
-    ("detach", ring)                               None                          5 s, then given up (no kill)
-    ("ping",)                                      worker's monotonic clock      heartbeat_s (idle only)
-    ("stop",)                                      None, then the process exits  stop_timeout_s (exit included)
+    request                     ok value                      daemon's time limit
+    ("load",)                   model load seconds (float)    none at startup; restart_timeout_s
+    ("warmup",)                 warm-up seconds (float)       none at startup; restart_timeout_s
+    ("window", source, ring,    [FrameResult, ..] now final   the window deadline
+     [(slot, gen, i)..], first_seq)
+    ("flush", source)           [FrameResult, ..] held back   the window deadline
+    ("detach", ring)            None                          5 s, then given up (no kill)
+    ("ping",)                   worker's monotonic clock      heartbeat_s (idle only)
+    ("stop",)                   None, then the process exits  stop_timeout_s (exit included)
 
 A request past its limit, or EOF on the pipe (the process died), is a fault: the daemon kills the process
 and starts a new one (see :class:`GeometryWorker`). The worker ignores SIGINT/SIGTERM (the daemon
@@ -378,8 +378,8 @@ class GeometryWorker:
             self._restart_times.popleft()
         if len(self._restart_times) >= self.policy.restart_budget:
             _kill(self._proc)
-            raise GeometryUnavailable(f"{fault}, and the restart budget is spent ({self.policy.restart_budget} "
-                                      f"restarts per {_BUDGET_WINDOW_S:.0f} s)")
+            raise GeometryUnavailable(f"{fault}, and the restart budget is spent "
+                                      f"({self.policy.restart_budget} restarts per {_BUDGET_WINDOW_S:.0f} s)")
         self._restart_times.append(now)
         self.restarts += 1
         self.restarting = True
@@ -393,7 +393,8 @@ class GeometryWorker:
                 await asyncio.wait_for(self._start_and_warm(), self.policy.restart_timeout_s)
             except Exception as exc:
                 _kill(self._proc)
-                raise GeometryUnavailable(f"geometry worker restart failed: {type(exc).__name__}: {exc}") from None
+                raise GeometryUnavailable(
+                    f"geometry worker restart failed: {type(exc).__name__}: {exc}") from None
         finally:
             self.restarting = False
         self.last_recovery_s = time.monotonic() - t0

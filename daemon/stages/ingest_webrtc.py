@@ -219,7 +219,8 @@ class WebrtcSources:
 # ---- WHIP routes --------------------------------------------------------------------------------------
 # WHIP ingest endpoint (aiohttp routes), after RFC 9725 (WebRTC-HTTP Ingestion Protocol), non-trickle.
 #
-# ``POST /whip/<source>`` with ``Content-Type: application/sdp`` (the offer) -> ``201`` with the answer SDP and
+# ``POST /whip/<source>`` with ``Content-Type: application/sdp`` (the offer) -> ``201`` with the answer SDP
+# and
 # ``Location: /whip/<source>/<session-id>``; ``DELETE`` on that location ends the session (``200``).
 # Errors are clean 4xx with a one-line text body: unknown or non-webrtc source / unknown session -> 404,
 # wrong content type -> 415, bad SDP -> 400, a second session for a busy source -> 409. Authentication

@@ -97,7 +97,8 @@ class PriorSidecar:
         self.backoff_max_s = backoff_max_s
         self.threads = threads
         self.extra_env = dict(extra_env or {})
-        self.log_level, self.log_format = log_level, log_format  # the daemon's [logging]; "" = sidecar default
+        # the daemon's [logging]; "" = the sidecar's default
+        self.log_level, self.log_format = log_level, log_format
         # counters (metrics)
         self.restarts = 0
         self.requests = 0
