@@ -1,23 +1,26 @@
-"""The import rules of ../shared/design/layout.md, read from the source with ``ast`` (top level and function level).
+"""The import rules of ../shared/design/layout.md, read from the source with ``ast`` (top level and function
+level).
 
-Each rule has a checker (a function of the imports of a tree) and two tests: the real tree breaks none of them,
-and a tiny synthetic tree in tmp_path that breaks it once is caught. How this tree realises the rules:
+Each rule has a checker (a function of the imports of a tree) and two tests: the real tree breaks none of
+them, and a tiny synthetic tree in tmp_path that breaks it once is caught. How this tree realises the rules:
 
-1. ``daemon/model/`` imports of the project: ``daemon.jittor_env``, ``daemon.weights.manifest``, ``daemon.model.*``.
-2. ``daemon/pipeline.py`` and ``daemon/model/`` never import ``daemon.stages``, ``.supervisor``, ``.commands``,
-   ``.wire`` or ``.viewer``.
+1. ``daemon/model/`` imports of the project: ``daemon.jittor_env``, ``daemon.weights.manifest``,
+   ``daemon.model.*``.
+2. ``daemon/pipeline.py`` and ``daemon/model/`` never import ``daemon.stages``, ``.supervisor``,
+   ``.commands``, ``.wire`` or ``.viewer``.
 3. ``daemon/stages/`` never imports ``daemon.supervisor`` or ``daemon.commands``.
 4. ``daemon.pipeline`` is imported by ``daemon/stages/geometry.py`` (the live worker) and ``daemon/offline/``
    (the offline runner behind ``process`` and ``batch``; ``daemon/cluster/`` reaches it only through
    ``daemon.offline.worker``) and by nothing else under ``daemon/``. ``daemon.wire`` is imported by the
-   publishers (``stages/publish_*``), ``commands/subscribe``, ``commands/demo`` (it subscribes to its own run),
-   ``offline/process`` (it writes the file publisher's png16 depth), ``viewer/`` and ``wire/`` itself.
+   publishers (``stages/publish_*``), ``commands/subscribe``, ``commands/demo`` (it subscribes to its own
+   run), ``offline/process`` (it writes the file publisher's png16 depth), ``viewer/`` and ``wire/`` itself.
 5. Nothing under ``daemon/`` imports ``bench``, ``tests`` or ``reference``.
 6. ``moge_sidecar`` imports of ``daemon``: public names of ``daemon.shm`` and ``daemon.logging_setup`` (the
-   daemon's log line; standard library only). It never imports Jittor, ``daemon.jittor_env`` or ``daemon.model``.
+   daemon's log line; standard library only). It never imports Jittor, ``daemon.jittor_env`` or
+   ``daemon.model``.
 7. ``daemon/viewer/`` never imports ``daemon.supervisor``.
-8. A function-level import under ``daemon/`` and ``moge_sidecar/`` names a heavy or optional third-party package
-   (:data:`HEAVY`) or a *heavy project module*: one that, at its top, imports such a package, calls
+8. A function-level import under ``daemon/`` and ``moge_sidecar/`` names a heavy or optional third-party
+   package (:data:`HEAVY`) or a *heavy project module*: one that, at its top, imports such a package, calls
    ``import_jittor()`` or imports another heavy project module (so ``geometryd --help`` and the host-side
    numerics never load Jittor). Standard library, light third-party packages and other project modules are
    imported at the top. :data:`RULE8_EXCEPTIONS` lists the few deliberate exceptions, each with its reason.
@@ -45,7 +48,8 @@ HEAVY = ("jittor", "torch", "av", "aiortc", "aioice", "diffusers", "transformers
          "moge", "mcap", "foxglove", "aiomqtt", "huggingface_hub", "safetensors.torch", "gi",
          "setproctitle")  # setproctitle: a worker without it must still start (it only names the process)
 RULE8_EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("daemon/jittor_env.py", "numpy"): "check_numpy reports a missing or broken numpy instead of failing to import",
+    ("daemon/jittor_env.py",
+     "numpy"): "check_numpy reports a missing or broken numpy instead of failing to import",
 }
 SIDECAR_DAEMON_IMPORTS = ("daemon.shm", "daemon.logging_setup")
 PIPELINE_IMPORTERS = ("daemon/stages/geometry.py", "daemon/offline/")
@@ -72,7 +76,8 @@ def _module_name(rel: str) -> str:
 
 
 def _tree_modules(root: Path) -> set[str]:
-    return {_module_name(p.relative_to(root).as_posix()) for top in PROJECT for p in (root / top).rglob("*.py")}
+    paths = [p for top in PROJECT for p in (root / top).rglob("*.py")]
+    return {_module_name(p.relative_to(root).as_posix()) for p in paths}
 
 
 def read_imports(root: Path, tops: Iterable[str] = SCANNED) -> list[Import]:
@@ -85,7 +90,8 @@ def read_imports(root: Path, tops: Iterable[str] = SCANNED) -> list[Import]:
     for top in tops:
         for path in sorted((root / top).rglob("*.py")):
             rel = path.relative_to(root).as_posix()
-            package = _module_name(rel) if rel.endswith("__init__.py") else _module_name(rel).rpartition(".")[0]
+            name = _module_name(rel)
+            package = name if rel.endswith("__init__.py") else name.rpartition(".")[0]
             tree = ast.parse(path.read_text(encoding="utf-8"), filename=rel)
 
             def visit(node: ast.AST, in_function: bool, rel: str = rel, package: str = package) -> None:
@@ -99,7 +105,8 @@ def read_imports(root: Path, tops: Iterable[str] = SCANNED) -> list[Import]:
                             anchor = package.split(".")[: len(package.split(".")) - child.level + 1]
                             base = ".".join([*anchor, *([base] if base else [])])
                         names = tuple(a.name for a in child.names)
-                        targets = dict.fromkeys(f"{base}.{n}" if f"{base}.{n}" in modules else base for n in names)
+                        targets = dict.fromkeys(f"{base}.{n}" if f"{base}.{n}" in modules else base
+                                                for n in names)
                         for target in targets:
                             found.append(Import(rel, child.lineno, target, names, in_function))
                     visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
@@ -169,7 +176,8 @@ def rule6_sidecar(imports: list[Import], root: Path) -> Violations:
         if _is(i.target, "jittor", "daemon.jittor_env", "daemon.model"):
             out.append(f"{i.where()}: rule 6: the PyTorch side imports {i.target} (Jittor code)")
         elif _is(i.target, "daemon") and not _is(i.target, *SIDECAR_DAEMON_IMPORTS):
-            out.append(f"{i.where()}: rule 6: moge_sidecar imports {i.target} (only {SIDECAR_DAEMON_IMPORTS})")
+            out.append(f"{i.where()}: rule 6: moge_sidecar imports {i.target} "
+                       f"(only {SIDECAR_DAEMON_IMPORTS})")
         elif i.target == "daemon.shm" and any(n.startswith("_") for n in i.names):
             out.append(f"{i.where()}: rule 6: moge_sidecar imports private names {i.names} of daemon.shm")
     return out
@@ -199,7 +207,8 @@ def _calls_import_jittor_at_top(path: Path) -> bool:
 
 def heavy_modules(imports: list[Import], root: Path) -> set[str]:
     """Project modules that load a heavy package when imported (directly or through another such module)."""
-    files = {_module_name(p.relative_to(root).as_posix()): p for top in SCANNED for p in (root / top).rglob("*.py")}
+    paths = [p for top in SCANNED for p in (root / top).rglob("*.py")]
+    files = {_module_name(p.relative_to(root).as_posix()): p for p in paths}
     heavy = {m for m, p in files.items() if _calls_import_jittor_at_top(p)}
     top = [i for i in imports if not i.in_function]
     heavy |= {_module_name(i.file) for i in top if _is(i.target, *HEAVY)}
@@ -224,7 +233,8 @@ def rule8_imports_at_top(imports: list[Import], root: Path) -> Violations:
         elif i.target.split(".")[0] in sys.stdlib_module_names:
             out.append(f"{i.where()}: rule 8: function-level import of standard module {i.target}")
         else:
-            out.append(f"{i.where()}: rule 8: function-level import of {i.target} (not in HEAVY: import it at "
+            out.append(f"{i.where()}: rule 8: function-level import of {i.target} (not in HEAVY: "
+                       "import it at "
                        "the top, or add it to HEAVY with the reason)")
     return out
 
@@ -259,7 +269,8 @@ def rule9_patch_tags(imports: list[Import], root: Path) -> Violations:
                 elif key not in pins:
                     out.append(f"{rel}:{n}: rule 9: {pkg} is not pinned in requirements*.txt")
                 elif pins[key] != ver.strip():
-                    out.append(f"{rel}:{n}: rule 9: PATCH({pkg}=={ver}) but requirements pin {pkg}=={pins[key]}")
+                    out.append(f"{rel}:{n}: rule 9: PATCH({pkg}=={ver}) but requirements pin "
+                               f"{pkg}=={pins[key]}")
     return out
 
 
@@ -321,17 +332,19 @@ def test_rule8_networks_are_the_heavy_modules() -> None:
     heavy = heavy_modules(_real_imports(), REPO)
     assert {"daemon.model.unet", "daemon.model.vae", "daemon.model.clip", "moge_sidecar.infer"} <= heavy
     light = {"daemon.cli", "daemon.pipeline", "daemon.model", "daemon.model.loader", "daemon.supervisor",
-             "daemon.commands.doctor", "daemon.weights.tiny", "daemon.offline.process", "daemon.stages.geometry"}
+             "daemon.commands.doctor", "daemon.weights.tiny", "daemon.offline.process",
+             "daemon.stages.geometry"}
     assert not heavy & light, heavy & light
 
 
 def test_rule9_patch_tags_match_the_pins() -> None:
-    tags = [p for top in SCANNED for p in (REPO / top).rglob("*.py") if "PATCH(" in p.read_text(encoding="utf-8")]
+    paths = [p for top in SCANNED for p in (REPO / top).rglob("*.py")]
+    tags = [p for p in paths if "PATCH(" in p.read_text(encoding="utf-8")]
     assert tags, "no PATCH(pkg==ver) tag found: the check below would be vacuous"
     _assert_clean(rule9_patch_tags)
 
 
-# --- each checker catches a violation ------------------------------------------------------------------------
+# --- each checker catches a violation -----------------------------------------------------------------
 
 # (checker, {file: source}) -> exactly the files named in the expected locations are flagged
 SYNTHETIC: dict[str, tuple[Checker, dict[str, str], list[str]]] = {
@@ -339,15 +352,18 @@ SYNTHETIC: dict[str, tuple[Checker, dict[str, str], list[str]]] = {
               ["daemon/model/net.py:1"]),
     "rule1-from-package": (rule1_model_imports, {"daemon/model/net.py": "from daemon import metrics\n"},
                            ["daemon/model/net.py:1"]),
-    "rule2": (rule2_algorithm_is_offline, {"daemon/pipeline.py": "def f():\n    from daemon.wire import encoding\n"},
+    "rule2": (rule2_algorithm_is_offline,
+              {"daemon/pipeline.py": "def f():\n    from daemon.wire import encoding\n"},
               ["daemon/pipeline.py:2"]),
-    "rule3": (rule3_stages, {"daemon/stages/ingest.py": "import daemon.supervisor\n"}, ["daemon/stages/ingest.py:1"]),
+    "rule3": (rule3_stages, {"daemon/stages/ingest.py": "import daemon.supervisor\n"},
+              ["daemon/stages/ingest.py:1"]),
     "rule4-pipeline": (rule4_pipeline_and_wire, {"daemon/stages/runner.py": "from daemon import pipeline\n",
                                                  "daemon/pipeline.py": ""},
                        ["daemon/stages/runner.py:1"]),
     "rule4-wire": (rule4_pipeline_and_wire, {"daemon/supervisor.py": "from daemon.wire.encoding import x\n"},
                    ["daemon/supervisor.py:1"]),
-    "rule5": (rule5_no_bench_or_tests, {"daemon/commands/bench.py": "def f():\n    from bench.suite import run\n"},
+    "rule5": (rule5_no_bench_or_tests,
+              {"daemon/commands/bench.py": "def f():\n    from bench.suite import run\n"},
               ["daemon/commands/bench.py:2"]),
     "rule6-daemon": (rule6_sidecar, {"moge_sidecar/server.py": "from daemon.config import Config\n"},
                      ["moge_sidecar/server.py:1"]),
@@ -359,7 +375,8 @@ SYNTHETIC: dict[str, tuple[Checker, dict[str, str], list[str]]] = {
               ["daemon/viewer/hub.py:1"]),
     "rule8-project": (rule8_imports_at_top, {"daemon/a.py": "def f():\n    from daemon.b import g\n",
                                              "daemon/b.py": "import json\n"}, ["daemon/a.py:2"]),
-    "rule8-stdlib": (rule8_imports_at_top, {"daemon/a.py": "class A:\n    def f(self):\n        import json\n"},
+    "rule8-stdlib": (rule8_imports_at_top,
+                     {"daemon/a.py": "class A:\n    def f(self):\n        import json\n"},
                      ["daemon/a.py:3"]),
     "rule8-light": (rule8_imports_at_top, {"moge_sidecar/a.py": "async def f():\n    import msgspec\n"},
                     ["moge_sidecar/a.py:2"]),
@@ -378,10 +395,12 @@ SYNTHETIC_CLEAN: dict[str, tuple[Checker, dict[str, str]]] = {
                                                            "from daemon.model import blocks\n"}),
     "rule4": (rule4_pipeline_and_wire, {"daemon/stages/geometry.py": "from daemon.pipeline import G\n",
                                         "daemon/offline/worker.py": "from daemon import pipeline\n",
-                                        "daemon/stages/publish_mqtt.py": "from daemon.wire import encoding\n"}),
+                                        "daemon/stages/publish_mqtt.py":
+                                            "from daemon.wire import encoding\n"}),
     "rule6": (rule6_sidecar, {"moge_sidecar/server.py": "from daemon.shm import FrameRing\n"
                                                         "from daemon.logging_setup import setup_logging\n"}),
-    "rule8": (rule8_imports_at_top, {"daemon/a.py": "def f():\n    import torch\n    from daemon.net import N\n",
+    "rule8": (rule8_imports_at_top,
+              {"daemon/a.py": "def f():\n    import torch\n    from daemon.net import N\n",
                                      "daemon/net.py": "from daemon.jittor_env import import_jittor\n"
                                                       "jt = import_jittor()\n",
                                      "daemon/jittor_env.py": "def check():\n    import numpy\n"}),
