@@ -1,6 +1,7 @@
 """The CPU anchor (issue 19): geometryd's pipeline vs the torch reference pipeline, per stage, same run.
 
-Both sides get the same tiny random weights in the official layout (``daemon.weights.tiny.make_tiny``, MoGe left
+Both sides get the same tiny random weights in the official layout (``daemon.weights.tiny.make_tiny``, MoGe
+left
 out), the same frames and priors (``tests.pipeline_fixtures.synthetic_clip``), the same injected noise, fp32.
 The torch side is ``tests/torch_ref_pipeline.TorchRefPipeline`` (diffusers/transformers networks + the torch
 point-map VAE reference); its stages are cut at the same boundaries as geometryd's ``GeometryOutput.timings``
@@ -8,9 +9,11 @@ point-map VAE reference); its stages are cut at the same boundaries as geometryd
 decode (point-map decoder). "total" is the wall time of one whole call on either side (prior/post included).
 
 Anchor (full): 26 frames 136x232 -> 128x256, window 9, overlap 3, 4 steps, decode chunk 5.
-``--short``: 7 frames 72x100 -> 64x128, window 3, overlap 1, 2 steps, decode chunk 3 (the parity test's setup).
+``--short``: 7 frames 72x100 -> 64x128, window 3, overlap 1, 2 steps, decode chunk 3 (the parity test's
+setup).
 geometryd runs once untimed first (Jittor compiles its kernels for the shapes; torch has nothing to warm up
-beyond its first layer calls), then ``--runs`` timed rounds in which the two sides alternate (the machine is shared: a ratio is taken within a round, and the reported
+beyond its first layer calls), then ``--runs`` timed rounds in which the two sides alternate (the machine is
+shared: a ratio is taken within a round, and the reported
 ratio is the median over rounds). The point maps of the two sides are compared too.
 
 Writes ``bench/results/anchor_cpu.json`` (``--out``).
@@ -96,7 +99,8 @@ class TorchSide:
         self._unet = ref_mod.vid2vid_unet_forward
         self._mod = ref_mod
 
-    def __call__(self, inputs: dict[str, np.ndarray], cfg: AnchorConfig) -> tuple[dict[str, float], np.ndarray,
+    def __call__(self, inputs: dict[str, np.ndarray], cfg: AnchorConfig) -> tuple[dict[str, float],
+                                                                                  np.ndarray,
                                                                                    np.ndarray]:
         marks = _Marks()
         self.ref.prior = marks.wrap("prior", self._prior)
@@ -122,13 +126,15 @@ class GeometrydSide:
 
         self.gc = GeometryCrafter.from_pretrained(model_dir, variant=variant, dtype="fp32")
 
-    def __call__(self, inputs: dict[str, np.ndarray], cfg: AnchorConfig) -> tuple[dict[str, float], np.ndarray,
+    def __call__(self, inputs: dict[str, np.ndarray], cfg: AnchorConfig) -> tuple[dict[str, float],
+                                                                                  np.ndarray,
                                                                                    np.ndarray]:
         t0 = time.perf_counter()
         out = self.gc(inputs["frames"], inputs["points"], inputs["mask"], noise=inputs["noise"], quiet=True,
                       **cfg.call_kwargs())
         total = time.perf_counter() - t0
-        return {**{s: float(out.timings.get(s, 0.0)) for s in STAGES}, "total": total}, out.point_map, out.mask
+        return {**{s: float(out.timings.get(s, 0.0)) for s in STAGES},
+                "total": total}, out.point_map, out.mask
 
 
 def make_inputs(cfg: AnchorConfig) -> dict[str, np.ndarray]:
@@ -148,13 +154,15 @@ def compare(pm_a: np.ndarray, m_a: np.ndarray, pm_b: np.ndarray, m_b: np.ndarray
 
 def summarise(rounds: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
     keys = (*STAGES, "total")
-    med = {side: {k: statistics.median(r[side][k] for r in rounds) for k in keys} for side in ("geometryd", "torch")}
+    med = {side: {k: statistics.median(r[side][k] for r in rounds) for k in keys} for side in ("geometryd",
+                                                                                               "torch")}
     ratio = {k: statistics.median(r["geometryd"][k] / r["torch"][k] for r in rounds if r["torch"][k] > 0)
              for k in keys}
     return {"median_s": med, "ratio_geometryd_over_torch": ratio}
 
 
-def run_variant(model_dir: Path, variant: str, cfg: AnchorConfig, runs: int, log: Callable[[str], None]) -> dict:
+def run_variant(model_dir: Path, variant: str, cfg: AnchorConfig, runs: int,
+                log: Callable[[str], None]) -> dict:
     inputs = make_inputs(cfg)
     torch_side = TorchSide(model_dir, variant)
     gd_side = GeometrydSide(model_dir, variant)
@@ -180,10 +188,12 @@ def run_variant(model_dir: Path, variant: str, cfg: AnchorConfig, runs: int, log
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--short", action="store_true", help="the parity test's small setup instead of the anchor")
+    ap.add_argument("--short", action="store_true",
+                    help="the parity test's small setup instead of the anchor")
     ap.add_argument("--runs", type=int, default=1, help="timed rounds per variant (sides alternate)")
     ap.add_argument("--variants", nargs="+", default=["diff", "determ"], choices=["diff", "determ"])
-    ap.add_argument("--model-dir", type=Path, default=None, help="a make-tiny folder (default: a temporary one)")
+    ap.add_argument("--model-dir", type=Path, default=None,
+                    help="a make-tiny folder (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "anchor_cpu.json")
     args = ap.parse_args(argv)
 
@@ -204,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         results = [run_variant(model_dir, v, cfg, args.runs, log) for v in args.variants]
     name, reason = backend()
     out = {"name": "anchor_cpu", "short": args.short, "config": asdict(cfg), "runs": args.runs,
-           "cpu_conv_backend": name, "cpu_conv_backend_reason": reason, "torch_threads": torch.get_num_threads(),
+           "cpu_conv_backend": name, "cpu_conv_backend_reason": reason,
+           "torch_threads": torch.get_num_threads(),
            "wall_s": round(time.monotonic() - t0, 1), "results": results, "machine": machine_info()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")

@@ -1,4 +1,5 @@
-"""Host-side glue of one streaming window, step by step, numpy (what the daemon runs) vs torch CPU (reference).
+"""Host-side glue of one streaming window, step by step, numpy (what the daemon runs) vs torch CPU
+(reference).
 
 One window of ``window`` frames with ``stride`` new ones (default 110 / 85, the shipped config) at a
 processing size H x W from a source (frames, prior, outputs) of H0 x W0:
@@ -31,8 +32,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -42,8 +44,8 @@ if str(ROOT) not in sys.path:
 
 from daemon import pipeline as P  # noqa: E402
 from daemon.model import resample  # noqa: E402
-from daemon.model.scheduler import make_schedule  # noqa: E402
 from daemon.model.prior_post import Q_HI, Q_LO, compute_stats, prior_to_x4  # noqa: E402
+from daemon.model.scheduler import make_schedule  # noqa: E402
 
 SHORT_ARGS = ["--sizes", "384x640", "--window", "22", "--stride", "17", "--repeats", "2"]  # CI: ~1/5 window
 TARGET_MS = 10.0  # issue #16: all host glue of one window <= 10 ms per new frame at 384x640 on 2 cores
@@ -56,7 +58,8 @@ def machine_info() -> dict[str, Any]:
     import torch
 
     return {"cpu_count": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg": os.getloadavg()}
 
 
@@ -65,7 +68,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def make_inputs(window: int, stride: int, size: tuple[int, int], src: tuple[int, int], seed: int = 0) -> dict:
-    """Synthetic window: a noisy tilted plane as prior (~85 % valid), textured frames, random decoder heads."""
+    """Synthetic window: a noisy tilted plane as prior (~85 % valid), textured frames, random decoder
+    heads."""
     rng = np.random.default_rng(seed)
     (h, w), (h0, w0) = size, src
     yy = np.linspace(-1, 1, h0, dtype=np.float32)[:, None]
@@ -89,7 +93,8 @@ def make_inputs(window: int, stride: int, size: tuple[int, int], src: tuple[int,
         "points": points, "mask": mask, "frames": frames,
         "v01": rng.random((new, 3, h, w), dtype=np.float32),
         "heads": [rng.standard_normal((new, h, w), dtype=np.float32) * np.float32(0.3) for _ in range(3)],
-        "noise": lat(1, window, 4, lh, lw), "vlat": lat(1, window, 4, lh, lw), "plat": lat(1, window, 4, lh, lw),
+        "noise": lat(1, window, 4, lh, lw), "vlat": lat(1, window, 4, lh, lw),
+        "plat": lat(1, window, 4, lh, lw),
         "u": lat(1, window, 4, lh, lw), "prev": lat(1, window, 4, lh, lw),
     }
 
@@ -138,7 +143,8 @@ def numpy_steps(d: dict) -> dict[str, Callable[[], Any]]:
 
     return {
         "compute_stats": lambda: compute_stats(d["points"], d["mask"]),
-        "prior_to_x4": lambda: prior_to_x4(d["points"][overlap:], d["mask"][overlap:], size, stats, nan_guard=True),
+        "prior_to_x4": lambda: prior_to_x4(d["points"][overlap:], d["mask"][overlap:], size, stats,
+                                           nan_guard=True),
         "source_resize": lambda: P.frames_at_size(d["frames"], size),
         "vae_inputs": vae_inputs,
         "clip_input": clip_input,
@@ -181,7 +187,9 @@ def torch_steps(d: dict) -> dict[str, Callable[[], Any]]:
     bil = lambda x, s: F.interpolate(x, size=s, mode="bilinear", align_corners=False)  # noqa: E731
 
     def grid(h: int, w: int) -> tuple[Any, Any]:
-        return (torch.linspace(0, w - 1, w) / (w - 1) - 0.5) * 2, (torch.linspace(0, h - 1, h) / (h - 1) - 0.5) * 2
+        gx = (torch.linspace(0, w - 1, w) / (w - 1) - 0.5) * 2
+        gy = (torch.linspace(0, h - 1, h) / (h - 1) - 0.5) * 2
+        return gx, gy
 
     def stats() -> tuple[Any, Any, Any]:
         pz, valid = points[..., 2], mask.float()
@@ -263,7 +271,9 @@ def torch_steps(d: dict) -> dict[str, Callable[[], Any]]:
     def focal() -> Any:
         vf = valid_t.float()
         den = vf.mean((1, 2, 3), keepdim=True) + 1e-4
-        return (fx_t * vf).mean((1, 2, 3), keepdim=True) / den, (fy_t * vf).mean((1, 2, 3), keepdim=True) / den
+        fx = (fx_t * vf).mean((1, 2, 3), keepdim=True) / den
+        fy = (fy_t * vf).mean((1, 2, 3), keepdim=True) / den
+        return fx, fy
 
     gx_o, gy_o = grid(*src)
 
@@ -272,8 +282,10 @@ def torch_steps(d: dict) -> dict[str, Callable[[], Any]]:
         p = torch.cat([0.8 * gx_o.view(1, 1, 1, -1) * zz, 0.9 * gy_o.view(1, 1, -1, 1) * zz, zz], 1)
         return p.permute(0, 2, 3, 1).contiguous(), zz
 
-    return {"compute_stats": stats, "prior_to_x4": x4, "source_resize": source_resize, "vae_inputs": vae_inputs,
-            "clip_input": clip_input, "denoise_glue": denoise_glue, "stitch": stitch, "decode_post": decode_post,
+    return {"compute_stats": stats, "prior_to_x4": x4, "source_resize": source_resize,
+            "vae_inputs": vae_inputs,
+            "clip_input": clip_input, "denoise_glue": denoise_glue, "stitch": stitch,
+            "decode_post": decode_post,
             "focal": focal, "points": pts}
 
 
@@ -310,7 +322,8 @@ def bench_size(size: tuple[int, int], window: int, stride: int, repeats: int,
                 b.append(_best(ref[name]))
             ms_a = min(a) * 1e3 / stride
             ms_b = min(b) * 1e3 / stride
-            steps[name_shown] = {"numpy_ms_per_new_frame": round(ms_a, 3), "torch_ms_per_new_frame": round(ms_b, 3),
+            steps[name_shown] = {"numpy_ms_per_new_frame": round(ms_a, 3),
+                                 "torch_ms_per_new_frame": round(ms_b, 3),
                                  "ratio_numpy_over_torch": round(ms_a / ms_b, 3) if ms_b > 0 else None}
             print(f"[glue] {size[0]}x{size[1]} {name_shown:15s} numpy {ms_a:8.3f} ms  torch {ms_b:8.3f} ms  "
                   f"ratio {ms_a / ms_b:6.2f}", flush=True)
@@ -330,8 +343,9 @@ def bench_size(size: tuple[int, int], window: int, stride: int, repeats: int,
 
 def summary_line(res: dict[str, Any]) -> str:
     s = res["steps"][res["slowest_step"]]
-    return (f"glue {res['size']}: total {res['total_numpy_ms_per_new_frame']:.2f} ms per new frame; slowest step "
-            f"{res['slowest_step']} {s['numpy_ms_per_new_frame']:.2f} ms (torch {s['torch_ms_per_new_frame']:.2f} ms)")
+    return (f"glue {res['size']}: total {res['total_numpy_ms_per_new_frame']:.2f} ms per new frame; "
+            f"slowest step {res['slowest_step']} {s['numpy_ms_per_new_frame']:.2f} ms "
+            f"(torch {s['torch_ms_per_new_frame']:.2f} ms)")
 
 
 def run(sizes: list[tuple[int, int]], window: int, stride: int, repeats: int, out: Path,
@@ -352,12 +366,16 @@ def _size(s: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--short" in argv:  # `geometryd bench --glue --short`: the CI-sized window
+        argv = [*SHORT_ARGS, *(a for a in argv if a != "--short")]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", type=_size, default=[(384, 640), (576, 1024)])
     ap.add_argument("--window", type=int, default=110)
     ap.add_argument("--stride", type=int, default=85)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--source", type=_size, default=None, help="source size for every processing size (default: "
+    ap.add_argument("--source", type=_size, default=None,
+                    help="source size for every processing size (default: "
                                                                "576x1024)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "glue.json")
     args = ap.parse_args(argv)

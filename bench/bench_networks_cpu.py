@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -310,7 +310,7 @@ def machine_info() -> dict[str, Any]:
         "jittor": jt.__version__,
         "jittor_cuda": bool(jt.flags.use_cuda),
         "numpy": np.__version__,
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

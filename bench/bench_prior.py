@@ -58,8 +58,8 @@ def bench_in_process(checkpoint: Path, frames: np.ndarray, chunk: int,
 
 
 async def _bench_sidecar(checkpoint: Path, frames: np.ndarray, chunk: int, resolution_level: int) -> dict:
-    from daemon.shm import FrameRing
     from daemon.config import PriorConfig
+    from daemon.shm import FrameRing
     from daemon.stages.prior import PriorSidecar
 
     n, h, w, _ = frames.shape

@@ -21,16 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.pipeline import window_plan
 from daemon.model.prior_post import compute_stats
 from daemon.model.streaming_stats import FrameNorm, PolicyParams, StreamStats
+from daemon.pipeline import window_plan
 
 FRAMES, CUT, H0, W0 = 330, 220, 48, 64
 FOCAL = 0.8  # focal length / image width
 WINDOW, OVERLAP = 110, 25  # the shipped defaults
 
 
-def drift_clip(frames: int = FRAMES, cut: int = CUT, h: int = H0, w: int = W0) -> tuple[np.ndarray, np.ndarray]:
+def drift_clip(frames: int = FRAMES, cut: int = CUT, h: int = H0, w: int = W0) -> tuple[np.ndarray,
+                                                                                        np.ndarray]:
     """(points (T,H,W,3) float32, mask (T,H,W) bool): the exact geometry of every frame."""
     v = (np.arange(h) + 0.5) / h
     u = (np.arange(w) + 0.5) / w
@@ -52,7 +53,8 @@ def drift_clip(frames: int = FRAMES, cut: int = CUT, h: int = H0, w: int = W0) -
     return pts, mask
 
 
-def run_policy(policy: str, points: np.ndarray, mask: np.ndarray, window: int = WINDOW, overlap: int = OVERLAP,
+def run_policy(policy: str, points: np.ndarray, mask: np.ndarray, window: int = WINDOW,
+               overlap: int = OVERLAP,
                params: PolicyParams = PolicyParams()) -> tuple[list[FrameNorm], list[tuple[int, int]]]:
     """Normalisation of every frame as a streaming session with ``policy`` assigns it, and the window plan
     (new frames [s, e) of each window)."""
@@ -129,8 +131,9 @@ def main() -> int:
         figs = compare(w, o)
         result[name] = {p: vars(f) for p, f in figs.items()}
         for p, f in figs.items():
-            print(f"{name:18s} {p:7s} outside [-1,1] {f.frac_outside:7.2%}  scale error mean {f.scale_error_mean:.3f} "
-                  f"max {f.scale_error_max:.3f}  max jump {f.max_jump:.3f}  "
+            print(f"{name:18s} {p:7s} outside [-1,1] {f.frac_outside:7.2%}  "
+                  f"scale error mean {f.scale_error_mean:.3f} max {f.scale_error_max:.3f}  "
+                  f"max jump {f.max_jump:.3f}  "
                   f"max step of log s in a segment {f.max_step_in_segment:.4f}  segments {f.segments}")
     out = Path(__file__).resolve().parent / "results" / "drift_clip.json"
     out.write_text(json.dumps({"clip": {"frames": FRAMES, "cut": CUT, "size": [H0, W0]}, **result}, indent=1))

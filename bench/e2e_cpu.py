@@ -11,7 +11,8 @@ Two modes, reported separately and never mixed:
 
 Per mode: frames/s over the serving period (READY=1 -> exit; startup and warm-up are reported apart),
 per-frame latency percentiles (decode -> published, measured by the daemon), peak RSS of the daemon's
-process tree (daemon, geometry worker process, sidecar; sampled from /proc every 50 ms) and MQTT publish counts.
+process tree (daemon, geometry worker process, sidecar; sampled from /proc every 50 ms) and MQTT publish
+counts.
 
     python bench/e2e_cpu.py [--modes pipeline,plumbing] [--frames 48] [--height 576 --width 1024]
 Writes bench/results/e2e_cpu.json.
@@ -52,7 +53,8 @@ class E2EParams:
     steps: int = 2
     variant: str = "diff"
     timeout_s: float = 900.0
-    decode_chunk: int = 0  # 0: min(8, stride); the session decodes in chunks, so a chunk > stride delays output
+    # 0: min(8, stride); the session decodes in chunks, so a chunk > stride delays output
+    decode_chunk: int = 0
     # False: frames offered as fast as the daemon takes them (throughput; latency then includes queueing);
     # True: paced at the clip's 24 fps (latency of a live source)
     realtime: bool = False
@@ -78,7 +80,8 @@ def machine_info() -> dict[str, Any]:
             info[dist] = None
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+            info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                                     None)
     except OSError:
         info["cpu_model"] = None
     return info
@@ -188,7 +191,8 @@ def run_mode(label: str, p: E2EParams, work: Path, model_dir: Path, clip: Path) 
     write_config(cfg, config_tables(model_dir, clip, p, broker[1] if broker else None))
     summary = work / f"{label}-summary.json"
     summary.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "daemon", "run", "--config", str(cfg), "--exit-when-done", "--summary", str(summary)]
+    cmd = [sys.executable, "-m", "daemon", "run", "--config", str(cfg), "--exit-when-done", "--summary",
+           str(summary)]
     if mode == "plumbing":
         cmd += ["--plumbing-identity-delay", "0"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
@@ -215,7 +219,8 @@ def run_mode(label: str, p: E2EParams, work: Path, model_dir: Path, clip: Path) 
             broker[0].wait(10)
     t_end = time.time()
     (work / f"{label}.log").write_text(stderr)  # the daemon's JSON log, for inspection
-    rec: dict[str, Any] = {"mode": label, "realtime": p.realtime, "geometry": "tiny GeometryCrafter (random weights)" if mode == "pipeline"
+    rec: dict[str, Any] = {"mode": label, "realtime": p.realtime,
+                           "geometry": "tiny GeometryCrafter (random weights)" if mode == "pipeline"
                            else "IDENTITY (plumbing only: result = prior, no model)",
                            "returncode": proc.returncode, "mqtt_broker": bool(broker),
                            "wall_s_total": round(t_end - t_start, 3), "peak_rss_mib": round(peak / 2**20, 1)}
@@ -231,7 +236,8 @@ def run_mode(label: str, p: E2EParams, work: Path, model_dir: Path, clip: Path) 
         "frames_in": src["frames_in"], "frames_out": src["frames_out"], "skipped": src["skipped"],
         "dropped": src["dropped"], "balanced": src["balanced"], "windows": src["windows"],
         "startup_s": round(ready - t_start, 3),
-        "warm_up_s": round(marks["warm"] - marks["loaded"], 3) if {"warm", "loaded"} <= marks.keys() else None,
+        "warm_up_s": round(marks["warm"] - marks["loaded"],
+                           3) if {"warm", "loaded"} <= marks.keys() else None,
         "serving_s": round(serving, 3),
         "frames_per_s": round(src["frames_out"] / serving, 3),
         "latency_s": src["latency_s"], "loop_lag": s.get("loop_lag"), "mqtt": s.get("mqtt"),

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from daemon.config import write_config
 from daemon.commands.demo import start_mosquitto, synthetic_clip
+from daemon.config import write_config
 from daemon.wire.encoding import decode_depth
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,11 +116,13 @@ def run_profile(work: Path, model: Path, clip: Path, window: int, overlap: int, 
     collector = DepthCollector(broker[1]) if broker else None
     try:
         cfg = work / "config.toml"
-        write_config(cfg, _config(model, clip, broker[1] if broker else None, window, overlap, steps, realtime))
+        write_config(cfg, _config(model, clip, broker[1] if broker else None, window, overlap, steps,
+                                  realtime))
         summary = work / "summary.json"
         t0 = time.monotonic()
         with open(work / "daemon.log", "w") as log:
-            rc = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", str(cfg), "--exit-when-done",
+            rc = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", str(cfg),
+                                 "--exit-when-done",
                                  "--summary", str(summary)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 timeout=1800).returncode
         wall = time.monotonic() - t0
@@ -150,7 +152,8 @@ def run_demo(work: Path) -> dict[str, Any]:
         raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
     lines = {k: next((ln for ln in proc.stdout.splitlines() if ln.startswith(f"[demo] {k} latency")), "")
              for k in ("preview", "refined")}
-    p50 = {k: float(re.search(r"p50 ([0-9.]+) s", v).group(1)) for k, v in lines.items()}  # type: ignore[union-attr]
+    p50 = {k: float(re.search(r"p50 ([0-9.]+) s",
+                              v).group(1)) for k, v in lines.items()}  # type: ignore[union-attr]
     return {"lines": lines, "preview_p50_s": p50["preview"], "refined_p50_s": p50["refined"],
             "refined_over_preview": p50["refined"] / max(p50["preview"], 1e-9)}
 
@@ -192,15 +195,18 @@ def main(argv: list[str] | None = None) -> int:
         demo_clip = work / "demo_clip.mp4"
         if not demo_clip.exists():
             synthetic_clip(demo_clip, 32, 128, 256)
-        out["demo_clip_disagreement"] = run_profile(work / "demo-clip", model, demo_clip, 16, 4, 2, realtime=False)
-        print(f"demo clip preview vs refined: {out['demo_clip_disagreement']['preview_vs_refined']}", flush=True)
+        out["demo_clip_disagreement"] = run_profile(work / "demo-clip", model, demo_clip, 16, 4, 2,
+                                                    realtime=False)
+        print(f"demo clip preview vs refined: {out['demo_clip_disagreement']['preview_vs_refined']}",
+              flush=True)
         save()
     for name in [p for p in args.profiles.split(",") if p]:
         w, o = PROFILES[name]
         out["profiles"][name] = run_profile(work / name, model, clip, w, o, args.steps)
         r = out["profiles"][name]
         print(f"{name:12s} window {w}/{o}: preview p50 {r['preview_latency_s']['p50']:.3f} s "
-              f"p99 {r['preview_latency_s']['p99']:.3f} s | refined p50 {r['refined_latency_s']['p50']:.2f} s "
+              f"p99 {r['preview_latency_s']['p99']:.3f} s | "
+              f"refined p50 {r['refined_latency_s']['p50']:.2f} s "
               f"p99 {r['refined_latency_s']['p99']:.2f} s | in {r['frames_in']} out {r['frames_out']} "
               f"skipped {r['skipped']}", flush=True)
         save()

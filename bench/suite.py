@@ -21,8 +21,8 @@ import argparse
 import os
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,8 @@ def component_commands(short: bool, results: Path) -> list[tuple[str, list[str],
         cmds.append(("shm", [py, "bench/bench_shm.py", *extra, "--out", str(results / "shm.json")], 300))
     if (REPO / "bench" / "bench_prior.py").exists():
         extra = ["--configs", "tiny", "--sizes", "576x1024", "--frames", "4"] if short else []
-        cmds.append(("prior", [py, "bench/bench_prior.py", *extra, "--out", str(results / "prior.json")], 900))
+        cmds.append(("prior", [py, "bench/bench_prior.py", *extra, "--out", str(results / "prior.json")],
+                     900))
     if (REPO / "bench" / "bench_glue.py").exists():
         from bench.bench_glue import SHORT_ARGS
 
@@ -106,7 +107,8 @@ def run_suite(short: bool, results: Path, skip_components: bool = False,
         shutil.rmtree(work, ignore_errors=True)
     e2e = {"name": "e2e_cpu", "short": short, "runs": runs, "machine": machine_info()}
     _write(results / "e2e_cpu.json", e2e)
-    suite: dict[str, Any] = {"name": "suite", "short": short, "e2e_wall_s": round(time.monotonic() - e2e_t0, 2),
+    suite: dict[str, Any] = {"name": "suite", "short": short,
+                             "e2e_wall_s": round(time.monotonic() - e2e_t0, 2),
                              "components": []}
     if not skip_components:
         for name, cmd, timeout_s in component_commands(short, results):
@@ -114,10 +116,12 @@ def run_suite(short: bool, results: Path, skip_components: bool = False,
     suite["wall_s"] = round(time.monotonic() - t0, 2)
     suite["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     suite["machine"] = machine_info()
-    suite["ok"] = all("error" not in r for r in runs) and all(c["returncode"] == 0 for c in suite["components"])
+    suite["ok"] = (all("error" not in r for r in runs)
+                   and all(c["returncode"] == 0 for c in suite["components"]))
     _write(results / "suite.json", suite)
     if report_path is None:
-        report_path = REPO / "bench" / "REPORT.md" if results == REPO / "bench" / "results" else results / "REPORT.md"
+        default = results == REPO / "bench" / "results"
+        report_path = REPO / "bench" / "REPORT.md" if default else results / "REPORT.md"
     suite["report"] = str(write_report(results, report_path))
     return suite
 
@@ -139,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     results = args.results or (REPO / "bench" / "results" / ("short" if args.short else ""))
     suite = run_suite(args.short, results.resolve(), args.skip_components)
-    print(f"suite {'ok' if suite['ok'] else 'FAILED'} in {suite['wall_s']} s; report: {suite['report']}")
+    status = "ok" if suite["ok"] else "FAILED (see suite.json)"
+    print(f"geometryd bench: {status} in {suite['wall_s']} s; results in {results}; "
+          f"report: {suite['report']}")
     return 0 if suite["ok"] else 1
 
 

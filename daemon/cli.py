@@ -12,17 +12,23 @@ import argparse
 import importlib
 import sys
 
+from daemon import __version__
+
 # subcommand -> (module, one-line help), in the order shown by --help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("daemon.commands.run", "run the streaming daemon (sources -> geometry -> MQTT/files)"),
     "demo": ("daemon.commands.demo", "end-to-end demo on a generated clip with a tiny random-weight model"),
     "process": ("daemon.commands.process", "offline: one video file -> upstream-compatible .npz"),
-    "doctor": ("daemon.commands.doctor", "check this machine's stack; --fix applies the Jittor CUDA 13 patches"),
+    "doctor": ("daemon.commands.doctor",
+               "check this machine's stack; --fix applies the Jittor CUDA 13 patches"),
     "weights": ("daemon.commands.weights", "pull / check / make-tiny model folders in the official layout"),
     "bench": ("daemon.commands.bench", "run the CPU benchmark suite (--gpu: the GPU table)"),
-    "check-config": ("daemon.commands.check_config", "validate a config file: prints ok or one error line (exit 2)"),
-    "subscribe": ("daemon.commands.subscribe", "reference MQTT subscriber: decode published frames to arrays"),
-    "batch": ("daemon.commands.batch", "offline: many video files -> DIR/<name>.npz + manifest.jsonl (--ray: on Ray)"),
+    "check-config": ("daemon.commands.check_config",
+                     "validate a config file: prints ok or one error line (exit 2)"),
+    "subscribe": ("daemon.commands.subscribe",
+                  "reference MQTT subscriber: decode published frames to arrays"),
+    "batch": ("daemon.commands.batch",
+              "offline: many video files -> DIR/<name>.npz + manifest.jsonl (--ray: on Ray)"),
     "cluster": ("daemon.commands.cluster", "run GPU actors (one daemon per GPU) on a Ray cluster"),
 }
 COMMAND_MODULES: list[str] = [module for module, _ in COMMANDS.values()]
@@ -30,8 +36,6 @@ COMMAND_MODULES: list[str] = [module for module, _ in COMMANDS.values()]
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser when ``command`` is None (imports every command module), else just that command's."""
-    from daemon import __version__
-
     parser = argparse.ArgumentParser(
         prog="geometryd",
         description="Video -> temporally consistent depth and point maps (GeometryCrafter), over MQTT.",

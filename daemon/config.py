@@ -2,7 +2,8 @@
 
 Parsing is `tomllib` + `msgspec` (types, ranges, enums, unknown keys), followed by the checks that span
 several keys (overlap < window_size, per-source-type keys, non-loopback HTTP needs a token, TLS needs
-CAs...). The whole file is validated once, at load; the first problem found is raised as a `ConfigError` whose text is ONE
+CAs...). The whole file is validated once, at load; the first problem found is raised as a `ConfigError`
+whose text is ONE
 line: ``config error: <dotted.key> = <bad value>: <what is allowed>``.
 
 Relative paths (source files, model/output folders, CA file) resolve against the config file's folder.
@@ -15,7 +16,6 @@ The shipped ``config.toml`` documents every key and equals ``default_config()`` 
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import os
@@ -24,7 +24,6 @@ import ssl
 import sys
 import tomllib
 import typing
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -57,7 +56,6 @@ __all__ = [
     "load_config_or_exit",
     "parse_config",
     "check_runnable",
-    "register",
     "scrub_url",
     "to_toml",
 ]
@@ -105,9 +103,8 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
     __str__ = __repr__
 
-    def __rich_repr__(self) -> Iterator[tuple[str, Any]]:  # rich's pretty printer: same scrubbing
-        for f in self.__struct_fields__:
-            yield f, _scrub_value(f, getattr(self, f))
+    def __rich_repr__(self) -> list[tuple[str, Any]]:  # rich's pretty printer: same scrubbing
+        return [(f, _scrub_value(f, getattr(self, f))) for f in self.__struct_fields__]
 
 
 class ModelConfig(_Section, frozen=True, kw_only=True):
@@ -431,7 +428,8 @@ def _convert_sources(raw_sources: Any) -> dict[str, Source]:
             for k in table:
                 if k not in allowed:
                     shown = _fmt(_scrub_value(k, table[k]))
-                    raise ConfigError(f"{key}.{k}", shown, f"not a key of a {kind} source ({', '.join(allowed)})")
+                    raise ConfigError(f"{key}.{k}", shown,
+                                      f"not a key of a {kind} source ({', '.join(allowed)})")
         sources[name] = _convert(table, Source, prefix=key)
     return sources
 

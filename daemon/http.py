@@ -22,7 +22,8 @@ from daemon.http_guard import GuardedAppRunner
 HealthFn = Callable[[], dict[str, Any]]
 
 
-# The viewer's built JS/CSS bundle carries no data; browsers load it from <script> tags that cannot send a token.
+# The viewer's built JS/CSS bundle carries no data; browsers load it from <script> tags that cannot send a
+# token.
 PUBLIC_PATH_PREFIXES = ("/viewer/assets/",)
 PUBLIC_PATHS = frozenset({"/healthz"})  # config.toml: "every request except /healthz"
 
@@ -38,7 +39,8 @@ def _bearer(header: str) -> str | None:
 def build_app(metrics_fn: Callable[[], bytes], health_fn: HealthFn, token: str = "",
               setup: Callable[[web.Application], None] | None = None) -> web.Application:
     @web.middleware
-    async def auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    async def auth(request: web.Request,
+                   handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         public = request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PATH_PREFIXES)
         if token and not public:
             header = request.headers.get("Authorization", "")
@@ -84,11 +86,12 @@ class HttpServer:
         """Connections refused by the cap, header timeouts, bad requests (daemon/http_guard.py)."""
         return self._runner.stats if self._runner is not None else None
 
-    async def __aenter__(self) -> "HttpServer":
+    async def __aenter__(self) -> HttpServer:
         self._runner = GuardedAppRunner(self._app, self.limits, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.bind, self.port)
         await site.start()
+        # PATCH(aiohttp==3.14.5): the site's private asyncio server, for the port bound to port 0
         sockets = getattr(site._server, "sockets", None) or []  # noqa: SLF001 (aiohttp exposes no getter)
         if sockets:
             self.port = sockets[0].getsockname()[1]

@@ -107,6 +107,7 @@ class GuardedAppRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         handler = type("BoundGuardedHandler", (GuardedHandler,), {"limits": self.limits, "stats": self.stats})
+        # PATCH(aiohttp==3.14.5): the private kwargs aiohttp passes to each RequestHandler
         kwargs = server._kwargs  # noqa: SLF001 (what aiohttp passes to each RequestHandler)
 
         class _Server(web.Server):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -101,7 +102,8 @@ def configure() -> CudaInfo:
 
 # Jittor's core library installs process-wide handlers when it loads (jittor/src/utils/log.cc
 # register_sigaction): SIGCHLD "quick-exits" the whole process when ANY child dies from a signal other than
-# SIGTERM *or is stopped* (the MoGe sidecar or the geometry worker killed by the OOM killer, kill -9, SIGSTOP),
+# SIGTERM *or is stopped* (the MoGe sidecar or the geometry worker killed by the OOM killer, kill -9,
+# SIGSTOP),
 # and SIGINT quick-exits too, bypassing the daemon's supervision and graceful shutdown. Python's
 # ``signal.signal`` only works on the main thread, so the raw dispositions are saved before the import and put
 # back after it with libc's sigaction(2), which works from any thread (the demo imports Jittor in
@@ -116,8 +118,6 @@ def _libc() -> ctypes.CDLL:
 
 def save_signal_dispositions() -> dict[int, ctypes.Array[ctypes.c_char]]:
     """The raw ``struct sigaction`` of each guarded signal, as the kernel holds it now."""
-    import signal
-
     libc = _libc()
     saved = {}
     for name in _GUARDED_SIGNALS:

@@ -128,6 +128,7 @@ inline int geometrydDeviceAttribute(cudaDeviceAttr attr, int device) {
 // General GPU Device CUDA Initialization
 """
 
+# PATCH(jittor==1.3.11): source edits of the installed Jittor for CUDA 13 (each one checked before applying)
 PATCHES: tuple[Patch, ...] = (
     Patch(
         "helper_cuda_props",
@@ -417,7 +418,7 @@ def apply(
     manifest.update(
         jittor_version=version,
         patches=sorted({p.name for p in results} | set(manifest.get("patches", []))),
-        applied_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        applied_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     )
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     (jittor_dir / MANIFEST_NAME).write_text(text, encoding="utf-8")

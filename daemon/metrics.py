@@ -50,12 +50,14 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.frames_in = Counter("geometryd_frames_in", "Frames decoded from a source", ["source"], registry=r)
+        self.frames_in = Counter("geometryd_frames_in", "Frames decoded from a source", ["source"],
+                                 registry=r)
         self.frames_out = Counter("geometryd_frames_out", "Frames with a published result", ["source"],
                                   registry=r)
         self.frames_skipped = Counter("geometryd_frames_skipped", "Frames left out by the overload policy",
                                       ["source"], registry=r)
-        self.frames_dropped = Counter("geometryd_frames_dropped", "Frames lost (full buffer, fault, shutdown)",
+        self.frames_dropped = Counter("geometryd_frames_dropped",
+                                      "Frames lost (full buffer, fault, shutdown)",
                                       ["source", "reason"], registry=r)
         self.windows = Counter("geometryd_windows", "Windows processed", ["source"], registry=r)
         self.stage_seconds = Histogram("geometryd_stage_seconds", "Stage latency per window",
@@ -170,7 +172,7 @@ class Metrics:
         except OSError:
             pass
         self.device_memory.labels("rss").set(rss)
-        if jt is not None and getattr(getattr(jt, "flags", None), "use_cuda", 0):
+        if jt is not None and getattr(getattr(jt, "flags", None), "use_cuda", False):
             try:
                 info = jt.get_mem_info() if hasattr(jt, "get_mem_info") else None
                 used = getattr(info, "total_cuda_used", None) if info is not None else None

@@ -34,13 +34,14 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from daemon.frames import FrameResult
 from daemon.intrinsics import project_known
@@ -97,8 +98,6 @@ class _Stages:
     def stage(self, name: str, total: int) -> Iterator[Any]:
         bar = None
         if self._tty:
-            from tqdm import tqdm
-
             bar = tqdm(total=total, desc=name, leave=False, unit="it")
         t0 = time.perf_counter()
         try:
@@ -294,7 +293,8 @@ def round_to_fp16(x: np.ndarray) -> np.ndarray:
     numpy's float16 casts are scalar loops (~13x a float32 pass on the 2-core box); this rounds the float32
     bit pattern at the fp16 mantissa width instead, with fp16's subnormal range (|x| < 2^-14, a fixed step of
     2^-24) rounded by adding and removing 0.75. Checked against the cast on edge cases and 1.2 M random values
-    (tests/test_glue_fast.py) and on the float32 values of [-1, 1] an exhaustive run reached (no mismatch). Values
+    (tests/test_glue_fast.py) and on the float32 values of [-1, 1] an exhaustive run reached (no mismatch).
+    Values
     outside the fp16 range (or NaN) take numpy's cast.
     """
     x = np.ascontiguousarray(x, np.float32)
@@ -372,11 +372,11 @@ class Conditioning:
     plat: np.ndarray  # (n, 4, h, w) prior latents (scaled by 0.18215), latent dtype
 
     @staticmethod
-    def concat(parts: list["Conditioning"]) -> "Conditioning":
+    def concat(parts: list[Conditioning]) -> Conditioning:
         keys = ("emb", "vlat", "plat")
         return Conditioning(*(np.concatenate([getattr(p, k) for p in parts]) for k in keys))
 
-    def slice(self, s: int, e: int) -> "Conditioning":
+    def slice(self, s: int, e: int) -> Conditioning:
         return Conditioning(self.emb[s:e], self.vlat[s:e], self.plat[s:e])
 
 
@@ -412,7 +412,7 @@ class GeometryCrafter:
     @classmethod
     def from_pretrained(
         cls, model_dir: str | Path, variant: str = "diff", dtype: str = "fp16"
-    ) -> "GeometryCrafter":
+    ) -> GeometryCrafter:
         """Load the merged official layout (spec 1.1): unet_<variant>/, point_map_vae/, vae/, image_encoder/,
         feature_extractor/, scheduler/. Raises FileNotFoundError naming every missing part."""
         if variant not in VARIANTS:
@@ -432,7 +432,10 @@ class GeometryCrafter:
         if not sched.is_file():
             raise FileNotFoundError(f"model folder {model_dir} is missing scheduler/scheduler_config.json")
         pre_cfg = json.loads(pre.read_text())
-        from daemon.model import load_clip, load_point_map_vae, load_svd_vae, load_unet
+        # the networks import Jittor at their top: loaded here, so that the host-side numerics do not need it
+        from daemon.model.clip import load_clip
+        from daemon.model.unet import load_unet
+        from daemon.model.vae import load_point_map_vae, load_svd_vae
 
         t0 = time.perf_counter()
         gc = cls(
@@ -557,7 +560,7 @@ class GeometryCrafter:
             self._after_call()
             if progress is not None:
                 progress(z.shape[0])
-        return tuple(np.concatenate(o) for o in outs)  # type: ignore[return-value]
+        return np.concatenate(outs[0]), np.concatenate(outs[1]), np.concatenate(outs[2])
 
     @staticmethod
     def latents_to_z(latents: np.ndarray) -> np.ndarray:
@@ -772,7 +775,8 @@ class StreamingSession:
         self.stats_policy = stats_policy
         self.stats_params = stats_params or PolicyParams()
         self._policy = StreamStats(stats_policy, self.stats_params)
-        self.focal: tuple[np.ndarray, np.ndarray] | None = None  # fixed (fx, fy) in grid units
+        # fixed (fx, fy) in grid units: numpy scalars (or 0-d arrays)
+        self.focal: tuple[np.ndarray | np.floating[Any], np.ndarray | np.floating[Any]] | None = None
         self._focal_segment = -1  # segment the fixed focal belongs to (follow)
         self.timings: dict[str, float] = {}
         self.windows_done = 0
@@ -889,12 +893,14 @@ class StreamingSession:
             e = s + 1
             while e < len(norms) and norms[e].stats == norms[s].stats:
                 e += 1
-            parts.append(prior_to_x4(points[s:e], mask[s:e], self.size, norms[s].stats, nan_guard=self.nan_guard))
+            parts.append(prior_to_x4(points[s:e], mask[s:e], self.size, norms[s].stats,
+                                     nan_guard=self.nan_guard))
             s = e
         return np.concatenate(parts)
 
     def _fixed_focal(self, maps: DecodedMaps, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per-frame (fx, fy) of the fixed focal: frozen from the first chunk, or under ``follow`` anchored per
+        """Per-frame (fx, fy) of the fixed focal: frozen from the first chunk, or under ``follow`` anchored
+        per
         segment and smoothed per decode chunk (daemon.model.streaming_stats.follow_focal)."""
         if self.stats_policy == "frozen":
             if self.focal is None:
@@ -912,10 +918,11 @@ class StreamingSession:
             cfx, cfy = projected_focal(sub, per_frame=False)
             old = None if seg != self._focal_segment or self.focal is None else self.focal
             if old is None:
-                log.info("fixed focal anchored on frames %d..%d (segment %d)", self._base + s, self._base + e - 1,
+                log.info("fixed focal anchored on frames %d..%d (segment %d)", self._base + s,
+                         self._base + e - 1,
                          seg)
-            ofx, ofy = (None, None) if old is None else (float(old[0]), float(old[1]))
-            nfx, nfy = follow_focal(None if old is None else (ofx, ofy), (float(cfx), float(cfy)),
+            nfx, nfy = follow_focal(None if old is None else (float(old[0]), float(old[1])),
+                                    (float(cfx), float(cfy)),
                                     self.stats_params)
             self.focal = (np.float32(nfx), np.float32(nfy))
             self._focal_segment = seg

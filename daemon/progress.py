@@ -33,6 +33,7 @@ class ProgressMonitor:
         if restarting:
             self.last_progress = now
             return [RESTARTING]
-        if pending and now - max(self.last_progress, self._pending_since or now) > deadline_s + STALL_MARGIN_S:
+        if pending and now - max(self.last_progress,
+                                 self._pending_since or now) > deadline_s + STALL_MARGIN_S:
             return [STALLED]
         return []

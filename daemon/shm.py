@@ -32,6 +32,7 @@ import logging
 import mmap
 import os
 import re
+import shutil
 import threading
 import time
 from collections import deque
@@ -126,8 +127,6 @@ def ring_bytes(n_slots: int, height: int, width: int) -> int:
 def check_shm_room(needed: int, shm_dir: Path = SHM_DIR) -> None:
     """Refuse to start when ``shm_dir`` cannot hold ``needed`` bytes: segments are sparse, so a full tmpfs
     would only show up later as SIGBUS on a frame write."""
-    import shutil
-
     free = shutil.disk_usage(shm_dir).free
     if free < needed:
         raise ShmError(f"shared memory: the rings need {needed / 2**20:.1f} MiB in {shm_dir} but only "
@@ -142,7 +141,7 @@ def segment_name(source: str, pid: int | None = None) -> str:
     return f"{PREFIX}{os.getpid() if pid is None else pid}-{source}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True if a process with this pid exists and is not a zombie."""
     try:
         os.kill(pid, 0)
@@ -173,7 +172,7 @@ def cleanup_stale_segments(shm_dir: Path = SHM_DIR) -> list[str]:
         return removed
     for name in entries:
         m = _NAME_RE.match(name)
-        if m is None or _pid_alive(int(m.group(1))):
+        if m is None or pid_alive(int(m.group(1))):
             continue
         try:
             _shm_unlink(name)
@@ -201,18 +200,18 @@ class FrameRing:
         self._owner = owner
         self._shm = shm
         self._mm = mm
-        self._buf = buf
+        self._buf: memoryview | None = buf
         n, h, w = layout.n_slots, layout.height, layout.width
-        self._header = np.ndarray((_HEADER_WORDS,), np.uint64, buf, 0)
+        self._header: np.ndarray = np.ndarray((_HEADER_WORDS,), np.uint64, buf, 0)
         meta = layout.meta_offset
-        self._seq = np.ndarray((n,), np.uint64, buf, meta)
-        self._gen = np.ndarray((n,), np.uint64, buf, meta + 8 * n)
-        self._frame_index = np.ndarray((n,), np.int64, buf, meta + 16 * n)
-        self._pts = np.ndarray((n,), np.float64, buf, meta + 24 * n)
-        self._prior_gen = np.ndarray((n,), np.uint64, buf, meta + 32 * n)
-        self._frames = np.ndarray((n, h, w, 3), np.uint8, buf, layout.frames_offset)
-        self._points = np.ndarray((n, h, w, 3), np.float32, buf, layout.points_offset)
-        self._mask = np.ndarray((n, h, w), np.bool_, buf, layout.mask_offset)
+        self._seq: np.ndarray = np.ndarray((n,), np.uint64, buf, meta)
+        self._gen: np.ndarray = np.ndarray((n,), np.uint64, buf, meta + 8 * n)
+        self._frame_index: np.ndarray = np.ndarray((n,), np.int64, buf, meta + 16 * n)
+        self._pts: np.ndarray = np.ndarray((n,), np.float64, buf, meta + 24 * n)
+        self._prior_gen: np.ndarray = np.ndarray((n,), np.uint64, buf, meta + 32 * n)
+        self._frames: np.ndarray = np.ndarray((n, h, w, 3), np.uint8, buf, layout.frames_offset)
+        self._points: np.ndarray = np.ndarray((n, h, w, 3), np.float32, buf, layout.points_offset)
+        self._mask: np.ndarray = np.ndarray((n, h, w), np.bool_, buf, layout.mask_offset)
         self._lock = threading.Lock()
         self._free: deque[int] = deque(range(n))
         self._held = [False] * n  # owner side: written and not yet released
@@ -221,7 +220,7 @@ class FrameRing:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def create(cls, source: str, n_slots: int, height: int, width: int) -> "FrameRing":
+    def create(cls, source: str, n_slots: int, height: int, width: int) -> FrameRing:
         """Create `geometryd-<pid>-<source>` (daemon side); stale segments of dead pids are removed first."""
         if n_slots < 1 or height < 1 or width < 1:
             raise ValueError(f"ring geometry must be positive, got n_slots={n_slots} height={height} "
@@ -240,6 +239,7 @@ class FrameRing:
             shm = shared_memory.SharedMemory(name=name, create=True, size=layout.size)
         _created_here.add(name)
         buf = shm.buf
+        assert buf is not None  # a new segment is mapped
         ring = cls(name, buf, layout, owner=True, shm=shm, mm=None)
         hdr = ring._header
         hdr[1:6] = (VERSION, n_slots, height, width, os.getpid())
@@ -252,7 +252,7 @@ class FrameRing:
         return ring
 
     @classmethod
-    def attach(cls, name: str, timeout: float = 5.0) -> "FrameRing":
+    def attach(cls, name: str, timeout: float = 5.0) -> FrameRing:
         """Map an existing ring (sidecar side). Waits up to `timeout` s for the segment and its magic.
 
         Never registers with the resource tracker, so this process exiting cannot unlink the segment.
@@ -375,7 +375,7 @@ class FrameRing:
             if self._shm is not None:
                 del buf
                 self._shm.close()
-            elif self._mm is not None:
+            elif self._mm is not None and buf is not None:
                 buf.release()
                 self._mm.close()
         except BufferError:
@@ -393,7 +393,7 @@ class FrameRing:
             except FileNotFoundError:
                 pass
 
-    def __enter__(self) -> "FrameRing":
+    def __enter__(self) -> FrameRing:
         return self
 
     def __exit__(self, *exc: object) -> None:

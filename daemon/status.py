@@ -28,6 +28,7 @@ class LagStats:
             q = quantiles(xs)
             if q is None:
                 return {"n": 0}
-            return {"n": len(xs), "p50_ms": 1e3 * q["p50"], "p99_ms": 1e3 * q["p99"], "max_ms": 1e3 * q["max"]}
+            return {"n": len(xs), "p50_ms": 1e3 * q["p50"], "p99_ms": 1e3 * q["p99"],
+                    "max_ms": 1e3 * q["max"]}
 
         return {"all": stats(self.samples), "geometry_busy": stats(self.busy_samples)}

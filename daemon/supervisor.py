@@ -25,11 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from daemon import sdnotify
+from daemon.http import HttpServer
 from daemon.metrics import Metrics
 from daemon.progress import STALLED, ProgressMonitor
+from daemon.shm import FrameRing, check_shm_room, cleanup_stale_segments, ring_bytes
+from daemon.stages.geometry import GeometryWorker, ProcessorSpec
+from daemon.stages.prior import PriorSidecar, cleanup_stale_prior_dirs
+from daemon.stages.publish_files import FileSink
+from daemon.stages.publish_mqtt import MqttPublisher
 from daemon.stages.runner import Collaborators, SourceRunner
 from daemon.stages.window import Admission, ring_slots
 from daemon.status import LagStats, quantiles
+from daemon.viewer.setup import build_web
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +153,6 @@ class Daemon:
     async def _startup(self, stack: contextlib.AsyncExitStack) -> None:
         cfg = self.cfg
         if cfg.http.enabled:
-            from daemon.http import HttpServer
-            from daemon.viewer.setup import build_web
-
             self.webrtc, self.hub, web_setup = build_web(cfg, self.metrics)  # WHIP ingest + live viewer
             stack.push_async_callback(self.webrtc.close)
             stack.push_async_callback(self.hub.close)
@@ -156,10 +160,6 @@ class Daemon:
                               web_setup, cfg.http)
             await stack.enter_async_context(http)
             log.info("http listening", extra={"bind": cfg.http.bind, "port": http.port})
-
-        from daemon.shm import FrameRing, check_shm_room, cleanup_stale_segments, ring_bytes
-
-        from daemon.stages.prior import cleanup_stale_prior_dirs
 
         removed = await asyncio.to_thread(cleanup_stale_segments)
         if removed:
@@ -191,8 +191,6 @@ class Daemon:
                                             "slots": n_slots})
 
     async def _start_sidecar(self, stack: contextlib.AsyncExitStack) -> None:
-        from daemon.stages.prior import PriorSidecar
-
         ckpt = self.cfg.prior_checkpoint()
         lg = self.cfg.logging
         self.sidecar = PriorSidecar(self.cfg.prior, ckpt, log_level=lg.level,  # interpreter: prior.python or ours
@@ -206,7 +204,6 @@ class Daemon:
             await self.sidecar.stop()
 
     async def _load_pipeline(self, stack: contextlib.AsyncExitStack) -> None:
-        from daemon.stages.geometry import GeometryWorker, ProcessorSpec
 
         cfg = self.cfg
         if self.identity_delay is not None:
@@ -236,12 +233,8 @@ class Daemon:
         if cfg.mqtt.enabled:
             import aiomqtt  # noqa: F401
         if cfg.mqtt.enabled:
-            from daemon.stages.publish_mqtt import MqttPublisher
-
             self.mqtt = await stack.enter_async_context(MqttPublisher(cfg.mqtt, names, self.metrics))
         if cfg.files.enabled:
-            from daemon.stages.publish_files import FileSink
-
             self.files = FileSink(cfg.files)
             stack.callback(self.files.close)
         if cfg.mcap.enabled:
@@ -255,7 +248,8 @@ class Daemon:
             self.foxglove = await stack.enter_async_context(FoxgloveLive(cfg, names, self.metrics))
 
     async def _serve(self) -> int:
-        tasks = {name: asyncio.create_task(r.run(), name=f"source-{name}") for name, r in self.runners.items()}
+        tasks = {name: asyncio.create_task(r.run(), name=f"source-{name}")
+                 for name, r in self.runners.items()}
         self.state = "ready"
         self.progress.progress(time.monotonic())
         sdnotify.notify(f"READY=1\nSTATUS=serving {len(tasks)} source(s)\nMAINPID={os.getpid()}")
@@ -281,7 +275,8 @@ class Daemon:
         if pending:
             _, late = await asyncio.wait(pending, timeout=grace)
             for t in late:
-                log.warning("shutdown grace exceeded; cancelling", extra={"task": t.get_name(), "grace_s": grace})
+                log.warning("shutdown grace exceeded; cancelling",
+                            extra={"task": t.get_name(), "grace_s": grace})
                 t.cancel()
             if late:
                 await asyncio.wait(late)
@@ -367,8 +362,8 @@ class Daemon:
         codes) and the services' state (``"<code>: <detail>"``). Empty: healthy."""
         if self.state != "ready":
             return []
-        return self.progress_reasons(now) + self.service_reasons(self._sidecar_up(),
-                                                                  self.worker is not None and self.worker.alive)
+        worker_alive = self.worker is not None and self.worker.alive
+        return self.progress_reasons(now) + self.service_reasons(self._sidecar_up(), worker_alive)
 
     def progress_reasons(self, now: float | None = None) -> list[str]:
         """Why the pipeline is not making progress (empty: it is), see daemon/progress.py."""

@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from daemon.model import resample
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +101,7 @@ def read_frames(
     t = 0
     for img in iter_frames(path, stride, max_frames):
         if size is not None and tuple(size) != img.shape[:2]:
-            img = _resize_frame(img, tuple(size))
+            img = _resize_frame(img, (int(size[0]), int(size[1])))
         if out is None:
             out = np.empty((max(expected, 1), *img.shape), np.uint8)
         elif t == len(out):
@@ -115,8 +118,6 @@ def read_frames(
 
 
 def _resize_frame(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    from daemon.model import resample
-
     x = img.transpose(2, 0, 1)[None].astype(np.float32) / np.float32(255.0)
     x = np.clip(resample.resize(x, size, "bicubic_aa"), 0.0, 1.0)
     return np.round(x[0] * 255.0).astype(np.uint8).transpose(1, 2, 0)
@@ -127,11 +128,11 @@ def write_video(
 ) -> None:
     """Write (T, H, W, 3) uint8 RGB frames (even H and W for yuv420p) to an mp4/mkv file."""
     import av
-    from fractions import Fraction
 
     rate = Fraction(fps).limit_denominator(1000)
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=rate)
+        assert isinstance(stream, av.VideoStream)
         stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
         stream.pix_fmt = "yuv420p"
         if codec == "libx264":

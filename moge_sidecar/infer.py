@@ -26,19 +26,23 @@ pinned code would call the least-squares solver on them (0 points: scipy raises)
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from moge_sidecar.backbones import register_tiny_backbone
+
 log = logging.getLogger(__name__)
 
 
+# ``model`` below: a moge.model.v1/v2 MoGeModel (dlr-moge ships no type information)
 class MoGePrior:
     """A loaded MoGe model plus the settings of the pinned inference; call it on (B,3,H0,W0) [0,1] images."""
 
-    def __init__(self, model: torch.nn.Module, area_range: tuple[float, float], version: int,
+    def __init__(self, model: Any, area_range: tuple[float, float], version: int,
                  resolution_level: int = 9, fp16: bool = False) -> None:
         if not 0 <= resolution_level <= 9:
             raise ValueError(f"resolution_level must be in 0..9, got {resolution_level}")
@@ -63,7 +67,7 @@ class MoGePrior:
         return infer_pinned(self.model, image, self.area_range, self.resolution_level, self.fp16)
 
 
-def _forward_v1(model: torch.nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_v1(model: Any, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pinned `MoGeModel.forward` on an already resized image: points (B,h,w,3), raw mask (B,h,w)."""
     h, w = image.shape[-2:]
     image = (image - model.image_mean) / model.image_std
@@ -81,13 +85,14 @@ def _forward_v1(model: torch.nn.Module, image: torch.Tensor) -> tuple[torch.Tens
     if remap != "linear":  # pinned forward remaps before any resize; same functions as dlr-moge
         saved, model.remap_output = model.remap_output, remap
         try:
+            # PATCH(dlr-moge==2.0.0): its private remap, with the pinned code's remap mode set for the call
             points = model._remap_points(points)
         finally:
             model.remap_output = saved
     return points, mask.squeeze(1).float()
 
 
-def infer_pinned(model: torch.nn.Module, image: torch.Tensor, area_range: tuple[float, float],
+def infer_pinned(model: Any, image: torch.Tensor, area_range: tuple[float, float],
                  resolution_level: int = 9, fp16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps (a)-(e) of the module docstring. image (B,3,H0,W0) float32 [0,1] on the model's device."""
     import utils3d
@@ -145,10 +150,6 @@ def load_moge(checkpoint: Path, device: str = "cpu", fp16: bool = False, resolut
               version: int = 1) -> MoGePrior:
     """Build MoGe from a local model.pt exactly as `MoGeModel.from_pretrained` does (config -> cls(**config)
     -> load_state_dict), reading the file once. Offline: never calls init_weights / the hub."""
-    import warnings
-
-    from moge_sidecar.tiny import register_tiny_backbone
-
     register_tiny_backbone()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -32,6 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from daemon.logging_setup import setup_logging
+from daemon.shm import FrameRing, ShmError, SlotRef, StaleSlotError, pid_alive
+from moge_sidecar.infer import frames_to_image, load_moge
+
 log = logging.getLogger("moge_sidecar")
 
 MAX_LINE = 64 * 1024
@@ -78,11 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _watch_parent(parent_pid: int) -> None:
-    from daemon.shm import _pid_alive
-
     direct_child = os.getppid() == parent_pid
     while True:
-        if (direct_child and os.getppid() != parent_pid) or not _pid_alive(parent_pid):
+        if (direct_child and os.getppid() != parent_pid) or not pid_alive(parent_pid):
             log.warning("parent %d is gone; exiting", parent_pid)
             os._exit(3)
         time.sleep(0.2)
@@ -177,8 +182,6 @@ class Server:
                 self.done += 1
 
     def _ring(self, name: Any) -> Any:
-        from daemon.shm import FrameRing, ShmError
-
         if not isinstance(name, str) or not name.startswith("geometryd-") or "/" in name:
             raise RequestError("bad_request", f"ring must be a 'geometryd-<pid>-<source>' name, got {name!r}")
         try:
@@ -204,12 +207,6 @@ class Server:
             cached[0].close()
 
     def _prior(self, req: dict[str, Any]) -> dict[str, Any]:
-        import numpy as np
-        import torch
-
-        from daemon.shm import SlotRef, StaleSlotError
-        from moge_sidecar.infer import frames_to_image
-
         slots, gens = req.get("slots"), req.get("generations")
         if (not isinstance(slots, list) or not isinstance(gens, list) or len(slots) != len(gens) or not slots
                 or not all(type(v) is int for v in slots + gens)):
@@ -268,8 +265,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _set_process_title("geometryd: sidecar")
     if args.log_format:
-        from daemon.logging_setup import setup_logging
-
         setup_logging(args.log_level, args.log_format)
     else:
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -282,10 +277,6 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _on_term)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    from moge_sidecar.infer import load_moge
-
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -5,17 +5,21 @@
 Constraint (../shared/notes/dependencies.md): head channel counts are multiples of 32 (GroupNorm(C // 32)).
 
 - kind "tiny": a custom 4-block, 64-wide ViT/14 backbone registered in dlr-moge's backbone table under
-  `TINY_ENCODER` (call `register_tiny_backbone()` before loading; `moge_sidecar.infer.load_moge` does).
+  `TINY_ENCODER` (moge_sidecar/backbones.py; `moge_sidecar.infer.load_moge` registers it).
 - kind "vits": stock DINOv2 ViT-S/14 with a 64/32-channel head (~22 M params), official area range; for
   benchmarks.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
-TINY_ENCODER = "geometryd_tiny_vit14"
+import torch
+
+from moge_sidecar.backbones import TINY_ENCODER, register_tiny_backbone
+from moge_sidecar.infer import _forward_v1
 
 # Official moge-vitl config keys (pinned MoGe accepts them; dlr-moge v1 maps trained_area_range and ignores
 # output_mask / split_head).
@@ -46,35 +50,8 @@ VITS_MOGE_CONFIG: dict[str, Any] = {
 CONFIGS = {"tiny": TINY_MOGE_CONFIG, "vits": VITS_MOGE_CONFIG}
 
 
-def _tiny_vit14(*, pretrained: bool = False, **kwargs: Any):
-    """A DINOv2 ViT with patch 14, width 64, 4 blocks (same code path as the stock backbones)."""
-    from functools import partial
-
-    from moge.model.dinov2.layers import MemEffAttention
-    from moge.model.dinov2.models.vision_transformer import Block, DinoVisionTransformer
-
-    if pretrained:
-        raise ValueError("the tiny MoGe backbone has no pretrained weights")
-    return DinoVisionTransformer(
-        img_size=518, patch_size=14, embed_dim=64, depth=4, num_heads=2, mlp_ratio=2,
-        block_fn=partial(Block, attn_class=MemEffAttention), init_values=1.0, ffn_layer="mlp",
-        block_chunks=0, num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1, **kwargs,
-    )
-
-
-def register_tiny_backbone() -> None:
-    """Make `TINY_ENCODER` resolvable by `MoGeModel(encoder=...)` (it looks names up in this module)."""
-    from moge.model.dinov2.hub import backbones
-
-    if getattr(backbones, TINY_ENCODER, None) is not _tiny_vit14:
-        setattr(backbones, TINY_ENCODER, _tiny_vit14)
-
-
-def build_moge(config: dict[str, Any], seed: int = 0):
+def build_moge(config: dict[str, Any], seed: int = 0) -> Any:
     """Construct a random-weight MoGe v1 model from a checkpoint config (never touches the hub)."""
-    import warnings
-
-    import torch
     from moge.model.v1 import MoGeModel
 
     register_tiny_backbone()
@@ -85,16 +62,12 @@ def build_moge(config: dict[str, Any], seed: int = 0):
     return model.eval()
 
 
-def _calibrate_mask(model, seed: int) -> None:
+def _calibrate_mask(model: Any, seed: int) -> None:
     """Rescale the mask head's last conv so that about half the pixels of an image are valid (raw > 0.5).
 
     A freshly initialised head puts every raw mask value near 0 (all invalid), which would leave focal/shift
     recovery with nothing to fit and make tests of the mask path vacuous.
     """
-    import torch
-
-    from moge_sidecar.infer import _forward_v1
-
     gen = torch.Generator().manual_seed(seed + 1)
     image = torch.rand((1, 3, 56, 84), generator=gen)
     with torch.inference_mode():
@@ -109,8 +82,6 @@ def _calibrate_mask(model, seed: int) -> None:
 
 def make_tiny_moge(path: Path, seed: int = 0, kind: str = "tiny") -> None:
     """Write a random-weight MoGe v1 `model.pt` ({'model_config', 'model'}) to `path` (kind: tiny | vits)."""
-    import torch
-
     if kind not in CONFIGS:
         raise ValueError(f"kind must be one of {sorted(CONFIGS)}, got {kind!r}")
     config = dict(CONFIGS[kind])

@@ -216,9 +216,9 @@ def _write(ring: FrameRing, frames: np.ndarray) -> list[SlotRef]:
 
 
 def _alive(pid: int) -> bool:
-    from daemon.shm import _pid_alive
+    from daemon.shm import pid_alive
 
-    return _pid_alive(pid)
+    return pid_alive(pid)
 
 
 def test_priors_match_in_process_and_no_frame_bytes_on_socket(loop, sidecar, frames, reference) -> None:

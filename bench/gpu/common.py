@@ -16,9 +16,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
@@ -82,7 +83,8 @@ def plan_from_env() -> Plan:
     if os.environ.get("GD_BENCH_STEPS"):
         over["steps"] = int(os.environ["GD_BENCH_STEPS"])
     if os.environ.get("GD_BENCH_SIZES"):
-        over["sizes"] = tuple(tuple(int(v) for v in s.split("x")) for s in os.environ["GD_BENCH_SIZES"].split(","))
+        sizes = os.environ["GD_BENCH_SIZES"].split(",")
+        over["sizes"] = tuple(tuple(int(v) for v in s.split("x")) for s in sizes)
     if os.environ.get("GD_BENCH_VARIANTS"):
         over["variants"] = tuple(os.environ["GD_BENCH_VARIANTS"].split(","))
     return Plan(**{**asdict(plan), **over}) if over else plan
@@ -205,7 +207,8 @@ class NvmlPeak(threading.Thread):
 
 def gpu_name() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                              "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20)
         return out.stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):

@@ -49,7 +49,7 @@ def bench_attention(plan: common.Plan, jt: Any, work: Path) -> list[dict[str, An
         for label, fused in paths:
             attention_cuda.set_enabled(fused)
             try:
-                fn = lambda: attention(q, k, v)  # noqa: E731
+                fn = lambda q=q, k=k, v=v: attention(q, k, v)  # noqa: E731
                 t0 = time.perf_counter()
                 out = fn().numpy().astype(np.float32)
                 compile_s = time.perf_counter() - t0
@@ -64,7 +64,7 @@ def bench_attention(plan: common.Plan, jt: Any, work: Path) -> list[dict[str, An
                 attention_cuda.set_enabled(True)
         print(f"[bench] jittor attention {json.dumps(row)}", flush=True)
         rows.append(row)
-        del q, k, v
+        del q, k, v, fn  # fn holds them too
         jt.gc()
     return rows
 
@@ -197,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         d = gcs["diff"]
         gcs["determ"] = GeometryCrafter(unet=load_unet(args.model_dir / "unet_determ", dtype=plan.dtype),
                                         svd_vae=d.svd_vae, point_map_vae=d.point_map_vae, clip=d.clip,
-                                        scheduler_config=d.scheduler_config, clip_mean=tuple(d.clip_mean.ravel()),
-                                        clip_std=tuple(d.clip_std.ravel()), variant="determ", dtype=plan.dtype)
+                                        scheduler_config=d.scheduler_config,
+                                        clip_mean=tuple(d.clip_mean.ravel()),
+                                        clip_std=tuple(d.clip_std.ravel()), variant="determ",
+                                        dtype=plan.dtype)
     res["load_s"] = round(time.perf_counter() - t0, 2)
     res["sizes"] = {}
     for size in plan.sizes:
@@ -209,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             mem.reset()
             entry["stages"] = bench_stages(plan, jt, gcs, size)
             entry["stages_nvml_peak_mib"] = mem.peak_mib
-            entry["compile_s_est"] = round(sum(v.get("compile_s_est", 0.0) for v in entry["stages"].values()), 2)
+            entry["compile_s_est"] = round(sum(v.get("compile_s_est", 0.0) for v in entry["stages"].values()),
+                                           2)
             save()
         for v, gc in gcs.items():
             if budget.allow(f"jittor e2e {v} {key}", 60):
@@ -229,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             # The daemon warms up on one full window; a shorter window (end of a file source; other decode
             # chunk sizes) must not compile again. Per-frame time of a shorter window vs the steady one:
             n = max(2, plan.frames - plan.chunk // 2 - 3)
-            if budget.allow(f"jittor shorter-window recompile check {key}", entry["e2e_diff"]["total_s"] + 30):
+            if budget.allow(f"jittor shorter-window recompile check {key}",
+                            entry["e2e_diff"]["total_s"] + 30):
                 try:
                     r = e2e_window(plan, jt, gcs["diff"], size, "diff", mem, n_frames=n)
                     r["steady_s_per_frame"] = round(1 / entry["e2e_diff"]["frames_per_s"], 4)

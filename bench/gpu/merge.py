@@ -49,7 +49,8 @@ def table(res: dict[str, Any]) -> str:
     for r in t.get("attention", []) or []:
         ja = jatt.get(r["case"], {})
         lines.append(f"{r['case']:<22}{_ms(_get(r, 'torch_sdpa', 'median_s')):>15}"
-                     f"{_ms(_get(r, 'torch_plain', 'median_s')):>16}{_ms(_get(ja, 'jittor_fused', 'median_s')):>17}"
+                     f"{_ms(_get(r, 'torch_plain', 'median_s')):>16}"
+                     f"{_ms(_get(ja, 'jittor_fused', 'median_s')):>17}"
                      f"{_ms(_get(ja, 'jittor_plain', 'median_s')):>17}"
                      f"{str(_get(ja, 'jittor_fused', 'rel_err_vs_fp32_ref') or '-')[:10]:>15}")
     for size in sorted(set(t.get("sizes", {})) | set(j.get("sizes", {}))):
@@ -58,23 +59,29 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"[{size}]  stage (median ms per call)   torch      jittor    jittor-first(compile)")
         names = list((ts.get("stages") or {}).keys()) or list((js.get("stages") or {}).keys())
         if ts.get("prior"):
-            lines.append(f"  prior substitute x{ts['prior']['frames']:<3}          {_ms(ts['prior']['median_s']):>9}  "
+            lines.append(f"  prior substitute x{ts['prior']['frames']:<3}          "
+                         f"{_ms(ts['prior']['median_s']):>9}  "
                          f"{'(torch only)':>12}")
         for n in names:
             tv, jv = _get(ts, "stages", n) or {}, _get(js, "stages", n) or {}
-            lines.append(f"  {n + ' x' + str(tv.get('frames', jv.get('frames', ''))):<30}{_ms(tv.get('median_s')):>9}"
+            frames = tv.get("frames", jv.get("frames", ""))
+            lines.append(f"  {n + ' x' + str(frames):<30}{_ms(tv.get('median_s')):>9}"
                          f"{_ms(jv.get('median_s')):>12}{_ms(jv.get('first_s')):>14}")
         for v in ("diff", "determ"):
             te, je = ts.get(f"e2e_{v}") or {}, js.get(f"e2e_{v}") or {}
             if te or je:
                 lines.append(f"  e2e {v:<6} frames/s: torch {te.get('frames_per_s', '-')} "
-                             f"(peak {te.get('peak_allocated_mib', '-')} MiB alloc)  jittor {je.get('frames_per_s', '-')}"
-                             f" (networks only {je.get('network_frames_per_s', '-')}; NVML peak {je.get('nvml_peak_mib', '-')} MiB)"
+                             f"(peak {te.get('peak_allocated_mib', '-')} MiB alloc)  jittor "
+                             f"{je.get('frames_per_s', '-')} (networks only "
+                             f"{je.get('network_frames_per_s', '-')}; NVML peak "
+                             f"{je.get('nvml_peak_mib', '-')} MiB)"
                              + (f"  jittor error: {je['error'][:120]}" if "error" in je else ""))
         sw = js.get("shorter_window_diff")
         if sw:
-            lines.append(f"  jittor shorter window ({sw.get('frames')} frames): {sw.get('this_s_per_frame')} s/frame vs "
-                         f"steady {sw.get('steady_s_per_frame')} s/frame (much slower = recompiles after warm-up)"
+            lines.append(f"  jittor shorter window ({sw.get('frames')} frames): "
+                         f"{sw.get('this_s_per_frame')} s/frame vs "
+                         f"steady {sw.get('steady_s_per_frame')} s/frame (much slower = recompiles after "
+                         "warm-up)"
                          if "error" not in sw else f"  jittor shorter window: error {sw['error'][:120]}")
     skipped = (t.get("skipped") or []) + (j.get("skipped") or [])
     if skipped:
@@ -93,10 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     res = {"name": "gpu_bench", "dry_run_cpu": plan.dry_run_cpu, "gpu": common.gpu_name(),
            "plan": {"sizes": plan.sizes, "frames": plan.frames, "chunk": plan.chunk, "steps": plan.steps,
                     "reps": plan.reps, "dtype": plan.dtype, "attn_cases": plan.attn_cases},
-           "notes": ["stage and end-to-end timings use windows of plan.frames frames (upstream: 110) to fit the "
-                     "10-minute device limit", "prior = ViT-L/14-shaped torch encoder at MoGe's token count "
-                     "(substitute; MoGe head excluded), same for both pipelines since the prior is a torch sidecar",
-                     "jittor first_s includes kernel compilation; compile is also in jittor_import_s on a fresh "
+           "notes": ["stage and end-to-end timings use windows of plan.frames frames (upstream: 110) to fit "
+                     "the 10-minute device limit",
+                     "prior = ViT-L/14-shaped torch encoder at MoGe's token count "
+                     "(substitute; MoGe head excluded), same for both pipelines since the prior is a torch "
+                     "sidecar",
+                     "jittor first_s includes kernel compilation; compile is also in jittor_import_s on a "
+                     "fresh "
                      "machine"],
            "prepare": _load(args.work / "torch_prepare.json"), "torch": _load(args.work / "torch.json"),
            "jittor": _load(args.work / "jittor.json"), "machine": common.machine_info()}

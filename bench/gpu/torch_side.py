@@ -57,8 +57,8 @@ def prepare(plan: common.Plan, model_dir: Path, work: Path) -> dict[str, Any]:
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from daemon.weights.tiny import PREPROCESSOR_CONFIG, SCHEDULER_CONFIG
     from daemon.weights.configs import UNET_IN_CHANNELS
+    from daemon.weights.tiny import PREPROCESSOR_CONFIG, SCHEDULER_CONFIG
     from tests.torch_ref_pmap_vae import TorchPointMapVae
 
     dev, net_dt = plan.device, _torch_dtype(plan.dtype)
@@ -69,7 +69,8 @@ def prepare(plan: common.Plan, model_dir: Path, work: Path) -> dict[str, Any]:
     with torch.device(dev):
         for variant in plan.variants:
             t0 = time.perf_counter()
-            unet = UNetSpatioTemporalConditionModel(in_channels=UNET_IN_CHANNELS[variant], **common.unet_config(plan))
+            unet = UNetSpatioTemporalConditionModel(in_channels=UNET_IN_CHANNELS[variant],
+                                                    **common.unet_config(plan))
             unet.to(net_dt).save_pretrained(model_dir / f"unet_{variant}", safe_serialization=True)
             times[f"unet_{variant}"] = time.perf_counter() - t0
             del unet
@@ -85,7 +86,8 @@ def prepare(plan: common.Plan, model_dir: Path, work: Path) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().float().cpu().contiguous() for k, v in pmap.state_dict().items()},
                   str(out / "diffusion_pytorch_model.safetensors"))
-        (out / "config.json").write_text(json.dumps({"_class_name": "PMapAutoencoderKLTemporalDecoder", **cfg}))
+        (out / "config.json").write_text(json.dumps({"_class_name": "PMapAutoencoderKLTemporalDecoder",
+                                                     **cfg}))
         times["vae_clip_pmap"] = time.perf_counter() - t0
         del pmap
     for name, fname, data in (("scheduler", "scheduler_config.json", SCHEDULER_CONFIG),
@@ -123,7 +125,8 @@ class Nets:
         self.unets = {v: UNetSpatioTemporalConditionModel.from_pretrained(model_dir / f"unet_{v}",
                                                                           torch_dtype=dt).eval().to(dev)
                       for v in plan.variants}
-        self.vae = AutoencoderKLTemporalDecoder.from_pretrained(model_dir / "vae", torch_dtype=torch.float32).eval().to(dev)
+        self.vae = AutoencoderKLTemporalDecoder.from_pretrained(model_dir / "vae",
+                                                                torch_dtype=torch.float32).eval().to(dev)
         self.clip = CLIPVisionModelWithProjection.from_pretrained(model_dir / "image_encoder",
                                                                   torch_dtype=dt).eval().to(dev)
         self.pmap = load_torch_point_map_vae(model_dir / "point_map_vae")
@@ -149,10 +152,10 @@ def bench_attention(plan: common.Plan, work: Path) -> list[dict[str, Any]]:
         q, k, v = (torch.from_numpy(np.load(work / f"attn_{name}_{t}.npy")).to(dev) for t in "qkv")
         ref = np.load(work / f"attn_{name}_ref.npy")
 
-        def sdpa() -> Any:
+        def sdpa(q: Any = q, k: Any = k, v: Any = v) -> Any:
             return F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
 
-        def plain() -> Any:
+        def plain(q: Any = q, k: Any = k, v: Any = v, d: int = d) -> Any:
             s = torch.bmm(q, k.transpose(1, 2)).float() * d ** -0.5
             return torch.bmm(s.softmax(-1).to(v.dtype), v)
 
@@ -163,7 +166,7 @@ def bench_attention(plan: common.Plan, work: Path) -> list[dict[str, Any]]:
                 row[label] = {**common.timed(fn, lambda: _sync(dev), 5),
                               "rel_err_vs_fp32_ref": float(np.abs(out - ref).max() / np.abs(ref).max())}
         rows.append(row)
-        del q, k, v
+        del q, k, v, sdpa, plain, fn  # the closures hold them too
     return rows
 
 
@@ -176,7 +179,8 @@ def _inputs(plan: common.Plan, size: tuple[int, int], n: int) -> dict[str, Any]:
     def r(*shape: int) -> Any:
         return torch.randn(*shape, generator=gen, device=plan.device)
 
-    return {"video": torch.rand(n, 3, h, w, generator=gen, device=plan.device), "x4": r(n, 4, h, w).clamp(-1, 1),
+    return {"video": torch.rand(n, 3, h, w, generator=gen, device=plan.device),
+            "x4": r(n, 4, h, w).clamp(-1, 1),
             "px": r(n, 3, 224, 224), "z": r(n, 4, h // 8, w // 8)}
 
 
@@ -244,7 +248,8 @@ def e2e_window(plan: common.Plan, nets: Nets, size: tuple[int, int], variant: st
             sch.set_timesteps(plan.steps, device=dev)
             x = torch.randn(vlat.shape, device=dev).to(dt) * sch.init_noise_sigma
             for tt in sch.timesteps:
-                u = nets.unet("diff", torch.cat([sch.scale_model_input(x, tt), vlat, plat], 2), float(tt), emb, ids)
+                u = nets.unet("diff", torch.cat([sch.scale_model_input(x, tt), vlat, plat], 2), float(tt),
+                              emb, ids)
                 x = sch.step(u, tt, x).prev_sample
         _sync(dev)
         t2 = time.perf_counter()
@@ -275,7 +280,8 @@ def bench_prior(plan: common.Plan, size: tuple[int, int]) -> dict[str, Any]:
 
     cfg = common.vit_config(plan)
     th, tw = common.moge_tokens(size[0], size[1], cfg["area"])
-    layer = torch.nn.TransformerEncoderLayer(cfg["dim"], cfg["heads"], cfg["mlp"], batch_first=True, norm_first=True,
+    layer = torch.nn.TransformerEncoderLayer(cfg["dim"], cfg["heads"], cfg["mlp"], batch_first=True,
+                                             norm_first=True,
                                              activation="gelu")
     enc = torch.nn.TransformerEncoder(layer, cfg["depth"], enable_nested_tensor=False).eval().to(plan.device)
     patch = torch.nn.Conv2d(3, cfg["dim"], 14, 14).to(plan.device)
@@ -288,7 +294,8 @@ def bench_prior(plan: common.Plan, size: tuple[int, int]) -> dict[str, Any]:
         r = common.timed(run, lambda: _sync(plan.device), plan.reps)
     return {**r, "tokens": th * tw, "grid": [th, tw], "frames": plan.chunk,
             "per_frame_ms": round(1e3 * r["median_s"] / plan.chunk, 3),
-            "what": "ViT-L/14-shaped torch encoder at MoGe's token count (substitute for MoGe ViT-L; head excluded)"}
+            "what": "ViT-L/14-shaped torch encoder at MoGe's token count "
+                    "(substitute for MoGe ViT-L; head excluded)"}
 
 
 def bench(plan: common.Plan, model_dir: Path, work: Path, budget: common.Budget, out: Path) -> dict[str, Any]:

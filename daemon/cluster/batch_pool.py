@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from daemon.offline.worker import BatchWorker, ProcessOptions, VideoResult
 from daemon.cluster.ray_env import ACTOR_CPUS, cluster_gpus, init_ray, shutdown_ray
+from daemon.offline.worker import BatchWorker, ProcessOptions, VideoResult
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,6 @@ class BatchActor:
     """The Ray actor class (wrapped with ``ray.remote`` in :func:`run_on_ray`)."""
 
     def __init__(self, opts: ProcessOptions, name: str) -> None:
-        import os
-        import signal
-
         self.worker = BatchWorker(opts, name=f"{name}@pid{os.getpid()}")
         self.worker.start()
         # Jittor's SIGCHLD handler would quick-exit this worker when its sidecar dies: import_jittor removes

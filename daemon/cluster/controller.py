@@ -18,7 +18,6 @@ The assignment, actor states, moves and measured recovery times are published re
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -31,6 +30,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from daemon.cluster.assign import assign, relative_load, source_cost
+from daemon.cluster.gpu_actor import GpuActor
+from daemon.cluster.ray_env import ACTOR_CPUS, cluster_gpus, init_ray, shutdown_ray
+from daemon.config import to_toml
+from daemon.http import HttpServer
+from daemon.video import VideoError, probe
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +91,14 @@ class ClusterMetrics:
         self.actors = Gauge("geometryd_cluster_actors", "GPU actors started", registry=r)
         self.assigned = Gauge("geometryd_cluster_source_assigned", "1 for the actor a source runs on",
                               ["source", "actor"], registry=r)
-        self.restarts = Counter("geometryd_cluster_actor_restarts", "actor restarts seen", ["actor"], registry=r)
-        self.moves = Counter("geometryd_cluster_source_moves", "sources moved or restarted", ["source", "kind"],
+        self.restarts = Counter("geometryd_cluster_actor_restarts", "actor restarts seen", ["actor"],
+                                registry=r)
+        self.moves = Counter("geometryd_cluster_source_moves", "sources moved or restarted",
+                             ["source", "kind"],
                              registry=r)
         self.recovery = Gauge("geometryd_cluster_recovery_seconds",
-                              "last failure: actor down -> the source publishing again", ["source"], registry=r)
+                              "last failure: actor down -> the source publishing again", ["source"],
+                              registry=r)
         self.frames = Gauge("geometryd_cluster_frames", "per-source frames over all runs", ["source", "kind"],
                             registry=r)
 
@@ -130,8 +137,6 @@ class Controller:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig.name)
-        from daemon.config import to_toml
-        from daemon.http import HttpServer
 
         self._cfg_toml = to_toml(self.cfg)
         rc = 0
@@ -153,9 +158,6 @@ class Controller:
         return rc
 
     async def _start(self) -> None:
-        from daemon.cluster.gpu_actor import GpuActor
-        from daemon.cluster.ray_env import ACTOR_CPUS, cluster_gpus, init_ray
-
         cc = self.cc
         self.ray = ray = await asyncio.to_thread(
             init_ray, cc.address, num_cpus=cc.local_cpus or None,
@@ -189,8 +191,6 @@ class Controller:
         g = self.cfg.geometry
         fps = self.cc.default_fps
         if src.type == "file":
-            from daemon.video import VideoError, probe
-
             with contextlib.suppress(VideoError):
                 fps = probe(src.path).fps or fps
         return source_cost(g.width, g.height, fps)
@@ -252,7 +252,8 @@ class Controller:
 
     async def _poll(self) -> None:
         actors = list(self.actors.values())
-        results = await asyncio.gather(*(self._call(a, "status", timeout=max(5.0, 3 * self.cc.status_interval_s))
+        results = await asyncio.gather(*(self._call(a, "status",
+                                                    timeout=max(5.0, 3 * self.cc.status_interval_s))
                                          for a in actors if a.state in ("up", "down")),
                                        return_exceptions=True)
         polled = [a for a in actors if a.state in ("up", "down")]
@@ -342,7 +343,8 @@ class Controller:
         for s in orphans:
             by_actor.setdefault(new[s], []).append(s)
         for target, sources in by_actor.items():
-            await self._start_run(self.actors[target], sources, kind="moved", reason=reason, moved_from=a.name)
+            await self._start_run(self.actors[target], sources, kind="moved", reason=reason,
+                                  moved_from=a.name)
 
     def _recheck_recoveries(self) -> None:
         for s, move in list(self.pending_recovery.items()):
@@ -409,13 +411,13 @@ class Controller:
     async def _mqtt_client(self) -> Any:
         if self._mqtt is None:
             import aiomqtt
-            import paho.mqtt.client as paho
 
             m = self.cfg.mqtt
             tls = aiomqtt.TLSParameters(ca_certs=m.ca_file or None) if m.tls else None
             client = aiomqtt.Client(m.host, m.port, identifier=f"geometryd-cluster-{int(time.time())}",
                                     username=m.username or None, password=m.password or None,
-                                    protocol=paho.MQTTv5, tls_params=tls, keepalive=m.keepalive_s)
+                                    protocol=aiomqtt.ProtocolVersion.V5, tls_params=tls,
+                                    keepalive=m.keepalive_s)
             await client.__aenter__()
             self._mqtt = client
         return self._mqtt
@@ -443,6 +445,4 @@ class Controller:
             with contextlib.suppress(Exception):
                 self.ray.kill(a.handle, no_restart=True)
         if self.ray is not None and self.cc.address == "local":
-            from daemon.cluster.ray_env import shutdown_ray
-
             await asyncio.to_thread(shutdown_ray)

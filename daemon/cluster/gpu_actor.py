@@ -21,18 +21,26 @@ import os
 import threading
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVarTuple, Unpack
 
 import msgspec
 
+from daemon.config import parse_config
+from daemon.logging_setup import setup_logging
+from daemon.supervisor import Daemon
+
 log = logging.getLogger(__name__)
+
+_Ts = TypeVarTuple("_Ts")
 
 
 class _NoSignalLoop(asyncio.SelectorEventLoop):
     """An event loop for a daemon in a worker thread: signal handlers are the process owner's business."""
 
-    def add_signal_handler(self, sig: int, callback: Any, *args: Any) -> None:  # noqa: ARG002
+    def add_signal_handler(self, sig: int, callback: Callable[[Unpack[_Ts]], object],
+                           *args: *_Ts) -> None:  # noqa: ARG002
         return None
 
 
@@ -63,8 +71,6 @@ def run_config(cfg_toml: str, sources: list[str], client_id: str) -> Any:
     """The daemon config of one run: the cluster's config restricted to ``sources``, without HTTP (the
     controller serves /healthz and /metrics) and with an MQTT client id of its own (the default one
     contains the pid, which all runs of one actor share)."""
-    from daemon.config import parse_config
-
     cfg = parse_config(tomllib.loads(cfg_toml), base_dir=Path("/"))
     replace = msgspec.structs.replace
     missing = [s for s in sources if s not in cfg.sources]
@@ -78,8 +84,6 @@ class GpuActor:
     """Wrapped with ``ray.remote`` by the controller (threaded: status calls while daemons run)."""
 
     def __init__(self, name: str) -> None:
-        from daemon.logging_setup import setup_logging
-
         self.name = name
         self.runs: dict[str, _Run] = {}
         self.incarnation = f"{os.getpid()}-{time.time():.3f}"
@@ -89,12 +93,11 @@ class GpuActor:
         import ray
 
         return {"actor": self.name, "pid": os.getpid(), "incarnation": self.incarnation,
-                "node": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "node": ray.get_runtime_context().get_node_id(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
     def start_sources(self, run_id: str, cfg_toml: str, sources: list[str]) -> dict[str, Any]:
-        from daemon.supervisor import Daemon
-
         cfg = run_config(cfg_toml, sources, f"geometryd-{self.name}-{run_id}")
         run = _Run(run_id, Daemon(cfg))
         self.runs[run_id] = run

@@ -25,7 +25,7 @@ ACTOR_CPUS = 0.25  # CPU share every GPU actor asks for besides its GPU (see the
 RAY_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
 
 
-def init_ray(address: str, *, num_cpus: float | None = None, num_gpus: float | None = None,
+def init_ray(address: str, *, num_cpus: int | None = None, num_gpus: int | None = None,
              object_store_mb: int = 256, namespace: str = "geometryd") -> Any:
     """``ray.init`` for ``address`` = ``"local"`` (start one here), ``"auto"`` (the node's running cluster,
     from ``ray start``) or ``"ray://host:10001"`` (Ray Client). Returns the ``ray`` module."""
@@ -35,9 +35,10 @@ def init_ray(address: str, *, num_cpus: float | None = None, num_gpus: float | N
 
     if ray.is_initialized():
         return ray
-    env = {"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}} if os.environ.get("PYTHONPATH") else None
+    pythonpath = os.environ.get("PYTHONPATH")
+    env = {"env_vars": {"PYTHONPATH": pythonpath}} if pythonpath else None
     if address == "local":
-        cpus = num_cpus if num_cpus is not None else float(os.cpu_count() or 1)
+        cpus = num_cpus if num_cpus is not None else os.cpu_count() or 1
         ray.init(num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False,
                  object_store_memory=object_store_mb * 1024 * 1024, namespace=namespace,
                  runtime_env=env, log_to_driver=True, configure_logging=False)
@@ -45,7 +46,8 @@ def init_ray(address: str, *, num_cpus: float | None = None, num_gpus: float | N
         ray.init(address=address, namespace=namespace, runtime_env=env, log_to_driver=True,
                  configure_logging=False)
     res = ray.cluster_resources()
-    log.info("ray connected", extra={"address": address, "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0)})
+    log.info("ray connected",
+             extra={"address": address, "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0)})
     return ray
 
 

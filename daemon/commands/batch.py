@@ -15,18 +15,27 @@ Exit codes: 0 all ok or skipped, 1 some input failed (one-line summary on stderr
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from daemon.offline.batch import MANIFEST, Manifest, UsageError, expand_inputs, is_complete, output_paths, run_serial
+from tqdm import tqdm
+
+from daemon.cluster.batch_pool import run_on_ray
 from daemon.commands.process import add_processing_options
+from daemon.offline.batch import (
+    MANIFEST,
+    Manifest,
+    UsageError,
+    expand_inputs,
+    is_complete,
+    output_paths,
+    run_serial,
+)
 from daemon.offline.options import ProcessOptions
-from daemon.offline.worker import BatchWorker, VideoResult
+from daemon.offline.worker import VideoResult
+from daemon.weights.tiny import missing_parts
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +71,6 @@ def _validate(args: argparse.Namespace) -> None:
     ProcessOptions.from_args(args).check()
     if args.gpus_per_worker < 0 or args.workers < 0:
         raise UsageError("--workers and --gpus-per-worker must be >= 0")
-    from daemon.weights.tiny import missing_parts
 
     need = {f"unet_{args.variant}", "point_map_vae", "vae", "image_encoder", "feature_extractor", "scheduler",
             "moge"}
@@ -106,8 +114,6 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         if jobs and args.ray:
-            from daemon.cluster.batch_pool import run_on_ray
-
             run_on_ray(args.ray, options_from_args(args), jobs, on_result, workers=args.workers,
                        gpus_per_worker=args.gpus_per_worker, local_gpus=args.local_gpus)
         elif jobs:
@@ -119,10 +125,9 @@ def run(args: argparse.Namespace) -> int:
     return _summarise(results, time.perf_counter() - t0)
 
 
-def _progress(total: int, disabled: bool):  # noqa: ANN202 - tqdm or None
+def _progress(total: int, disabled: bool) -> tqdm | None:
     if disabled or not total or not sys.stderr.isatty():
         return None
-    from tqdm import tqdm
 
     return tqdm(total=total, unit="video", file=sys.stderr)
 
@@ -130,7 +135,8 @@ def _progress(total: int, disabled: bool):  # noqa: ANN202 - tqdm or None
 def _summarise(results: list[VideoResult], seconds: float) -> int:
     n = {s: sum(1 for r in results if r.status == s) for s in ("ok", "skipped", "failed")}
     failed = [r for r in results if r.status == "failed"]
-    line = f"{n['ok']} ok, {n['skipped']} skipped, {n['failed']} failed of {len(results)} inputs in {seconds:.1f} s"
+    line = (f"{n['ok']} ok, {n['skipped']} skipped, {n['failed']} failed of {len(results)} inputs in "
+            f"{seconds:.1f} s")
     if failed:
         first = failed[0]
         print(f"geometryd batch: {line}; first failure: {first.input}: {first.error}", file=sys.stderr)

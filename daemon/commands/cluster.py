@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 
 from daemon.cluster.controller import Controller
+from daemon.config import load_config_or_exit
+from daemon.logging_setup import setup_logging
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,9 +22,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_cluster(args: argparse.Namespace) -> int:
-    from daemon.config import load_config_or_exit
-    from daemon.logging_setup import setup_logging
-
     cfg = load_config_or_exit(args.config)
     setup_logging(cfg.logging.level, cfg.logging.format)
     ctl = Controller(cfg, exit_when_done=args.exit_when_done, summary_path=args.summary)

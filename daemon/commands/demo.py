@@ -26,8 +26,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from daemon.config import write_config
 from daemon.depth_colour import colourise
+from daemon.weights.tiny import make_tiny
+from daemon.wire.subscribe import iter_frames
 
 NOTICE = (
     "NOTE: the tiny model has RANDOM weights - the depth maps above are not a prediction, they show that\n"
@@ -42,29 +47,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--workdir", default="var/demo", help="where the clip, config and previews go (var/demo)")
     p.add_argument("--model-dir", default=None,
-                   help="model folder in the official layout (default: build a tiny random one in var/tiny-model)")
+                   help="model folder in the official layout (default: build a tiny random one in "
+                        "var/tiny-model)")
     p.add_argument("--frames", type=int, default=32, help="frames in the generated clip (32)")
     p.add_argument("--height", type=int, default=64, help="processing height, multiple of 64 (64)")
     p.add_argument("--width", type=int, default=128, help="processing width, multiple of 64 (128)")
     p.add_argument("--window", type=int, default=16, help="window size in frames (16)")
     p.add_argument("--overlap", type=int, default=4, help="window overlap in frames (4)")
     p.add_argument("--steps", type=int, default=2, help="denoising steps (2)")
-    p.add_argument("--no-mqtt", action="store_true", help="use the file sink even when mosquitto is installed")
+    p.add_argument("--no-mqtt", action="store_true",
+                   help="use the file sink even when mosquitto is installed")
     p.set_defaults(func=_cmd_demo)
 
 
 # ---- sample clip -----------------------------------------------------------------------------------------
 
 def synthetic_clip(path: Path, n: int, height: int, width: int, fps: int = 24) -> None:
-    """A camera gliding over a textured floor towards a wall, with a box moving across (PyAV, H.264/MPEG-4)."""
+    """A camera gliding over a textured floor towards a wall, with a box moving across (PyAV,
+    H.264/MPEG-4)."""
     import av
-    import numpy as np
 
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     horizon = height * 0.4
     with av.open(str(path), "w") as out:
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         stream = out.add_stream(codec, rate=fps)
+        assert isinstance(stream, av.VideoStream)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if codec == "mpeg4":
             stream.bit_rate = 4_000_000
@@ -94,8 +102,6 @@ def synthetic_clip(path: Path, n: int, height: int, width: int, fps: int = 24) -
 def write_previews(frames: dict[int, Any], clip: Path, out_dir: Path) -> list[Path]:
     """PNG contact sheet (input | depth for up to 8 frames) and an MP4 of the depth sequence."""
     import av
-    import numpy as np
-    from PIL import Image
 
     if not frames:
         return []
@@ -134,7 +140,8 @@ def _free_port() -> int:
 
 
 def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int] | None:
-    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    sbin = "/usr/sbin/mosquitto"
+    exe = shutil.which("mosquitto") or (sbin if os.path.exists(sbin) else None)
     if exe is None:
         return None
     port = _free_port()
@@ -177,7 +184,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if model_dir is None:
         # On the main thread, before the event loop: Jittor's compile pool must belong to the main thread
         # (see daemon.jittor_env.import_jittor), and nothing else runs yet.
-        from daemon.weights.tiny import make_tiny
 
         model_dir = Path("var/tiny-model").resolve()
         _say(f"tiny random-weight model -> {model_dir} (built once, reused)")
@@ -254,20 +260,18 @@ async def _demo(args: argparse.Namespace, model_dir: Path) -> int:
 
 
 async def _start_subscriber(port: int, received: dict[int, Any]) -> tuple[asyncio.Task[None], asyncio.Event]:
-    import numpy as np
-
-    from daemon.wire.subscribe import iter_frames
-
     ready = asyncio.Event()
 
     async def consume() -> None:
         async for f in iter_frames("127.0.0.1", port, "demo", "sample", ready=ready):
             received[f.frame_index] = f
+            assert f.depth is not None and f.depth_valid is not None  # the demo's frames carry depth
             v = f.depth[f.depth_valid]
             stats = (f"depth min {v.min():7.3f}  median {float(np.median(v)):7.3f}  "
                      f"max {v.max():7.3f}") if v.size else "depth: no valid pixel          "
             lat = f.latency_s
-            print(f"  frame {f.frame_index:4d}  window {f.window_id:2d}  {stats}  valid {f.depth_valid.mean():5.1%}"
+            print(f"  frame {f.frame_index:4d}  window {f.window_id:2d}  {stats}  "
+                  f"valid {f.depth_valid.mean():5.1%}"
                   + (f"  mqtt latency {lat * 1e3:6.1f} ms" if lat is not None else ""), flush=True)
 
     return asyncio.create_task(consume()), ready
@@ -278,10 +282,12 @@ async def _run_daemon(cfg: Path, summary: Path, log_path: Path) -> int:
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "daemon", "run", "--config", str(cfg), "--exit-when-done", "--summary", str(summary),
+        sys.executable, "-m", "daemon", "run", "--config", str(cfg), "--exit-when-done", "--summary",
+        str(summary),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
     assert proc.stdout is not None
-    echo = ("starting prior sidecar", "sidecar ready", "loading pipeline", "warming up", "warm-up done", "ready",
+    echo = ("starting prior sidecar", "sidecar ready", "loading pipeline", "warming up", "warm-up done",
+            "ready",
             "failed", "ERROR", "stopped")
     with open(log_path, "w") as log:
         async for raw in proc.stdout:
@@ -293,8 +299,6 @@ async def _run_daemon(cfg: Path, summary: Path, log_path: Path) -> int:
 
 
 def _frames_from_npz(path: Path) -> dict[int, Any]:
-    import numpy as np
-
     class _F:
         def __init__(self, depth: Any, valid: Any, idx: int, win: int) -> None:
             self.depth, self.depth_valid, self.frame_index, self.window_id = depth, valid, idx, win

@@ -21,10 +21,15 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from daemon import jittor_patches
+from daemon.jittor_env import JittorEnvError, detect_cuda
+from daemon.jittor_env import check_numpy as _check
 
 log = logging.getLogger(__name__)
 
@@ -54,22 +59,16 @@ def check_python() -> Check:
 
 
 def check_numpy() -> Check:
-    from daemon.jittor_env import JittorEnvError, check_numpy as _check
-
     try:
         version = _check()
     except ImportError as exc:
         return Check("numpy", FAIL, f"not importable: {exc}")
     except JittorEnvError as exc:
-        import numpy
-
-        return Check("numpy", FAIL, str(exc), {"version": numpy.__version__})
+        return Check("numpy", FAIL, str(exc), {"version": _dist_version("numpy")})
     return Check("numpy", OK, f"{version} (<2, as Jittor needs)", {"version": version})
 
 
 def check_jittor_package(jittor_dir: Path | None) -> Check:
-    from daemon import jittor_patches
-
     try:
         path = jittor_dir or jittor_patches.installed_jittor_dir()
         version = jittor_patches.jittor_version(path)
@@ -96,7 +95,7 @@ print({_JSON_MARK!r} + json.dumps({{
 """
 
 
-def run_jittor_import(timeout_s: float, notice: Callable[[str], None]) -> tuple[dict | None, str]:
+def run_jittor_import(timeout_s: float, notice: Callable[[str], None]) -> tuple[dict[str, Any] | None, str]:
     """Import Jittor in a child; returns (probe result, error text). Prints a notice while it compiles."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), str(_PROJECT_ROOT)) if p)
@@ -121,7 +120,7 @@ def run_jittor_import(timeout_s: float, notice: Callable[[str], None]) -> tuple[
     for line in out.splitlines():
         if line.startswith(_JSON_MARK):
             return json.loads(line[len(_JSON_MARK):]), ""
-    tail = [l for l in out.strip().splitlines() if l.strip()][-3:]
+    tail = [ln for ln in out.strip().splitlines() if ln.strip()][-3:]
     return None, f"exit {proc.returncode}: " + " | ".join(tail)[-400:]
 
 
@@ -151,8 +150,6 @@ def check_cpu_conv(result: dict | None) -> Check:
 
 
 def check_cuda() -> Check:
-    from daemon.jittor_env import detect_cuda
-
     info = detect_cuda()
     data = asdict(info)
     if info.driver_ok:
@@ -206,8 +203,6 @@ def check_cudnn() -> Check:
 
 
 def check_patches(jittor_dir: Path | None, cuda_ok: bool, release: tuple[int, int] | None) -> Check:
-    from daemon import jittor_patches
-
     try:
         states = jittor_patches.status(jittor_dir)
     except jittor_patches.PatchError as exc:
@@ -321,7 +316,7 @@ def check_chromium() -> Check:
         return Check("chromium", WARN, "not found (the WebRTC viewer test needs it)")
     try:
         out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
-        version = next((l.strip() for l in out.stdout.splitlines() if "hrom" in l), "")
+        version = next((ln.strip() for ln in out.stdout.splitlines() if "hrom" in ln), "")
     except (OSError, subprocess.TimeoutExpired):
         version = ""
     return Check("chromium", OK, f"{version or 'unknown version'} ({exe})", {"path": exe})
@@ -347,7 +342,8 @@ def run_checks(jittor_dir: Path | None = None, jittor_timeout_s: float = 900.0,
     with ThreadPoolExecutor(max_workers=4) as pool:
         if numpy_check.status == FAIL or jittor_check.status == FAIL:
             why = "numpy check failed" if numpy_check.status == FAIL else "Jittor is not installed"
-            imported = pool.submit(lambda: (None, f"not tried: {why}"))
+            not_tried: tuple[dict[str, Any] | None, str] = (None, f"not tried: {why}")
+            imported = pool.submit(lambda: not_tried)
         else:
             imported = pool.submit(run_jittor_import, jittor_timeout_s, notice)
         release_f = pool.submit(nvcc_release, nvcc)
@@ -386,8 +382,6 @@ def run_checks(jittor_dir: Path | None = None, jittor_timeout_s: float = 900.0,
 
 
 def fix_patches(jittor_dir: Path | None, force: bool, revert: bool) -> list[Check]:
-    from daemon import jittor_patches
-
     try:
         if revert:
             restored = jittor_patches.revert(jittor_dir, force=force)
@@ -452,7 +446,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def standalone(argv: list[str] | None = None) -> int:
-    """``python -m daemon.commands.doctor``: the doctor without the CLI, which imports every command module (and so
+    """``python -m daemon.commands.doctor``: the doctor without the CLI, which imports every command module
+    (and so
     fails before any check when, say, numpy is broken)."""
     parser = argparse.ArgumentParser(prog="geometryd")
     register(parser.add_subparsers(dest="command", required=True))

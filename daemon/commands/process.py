@@ -16,11 +16,11 @@ import logging
 import sys
 from pathlib import Path
 
-
 from daemon.intrinsics import check_pixel_intrinsics
 from daemon.offline.options import DEFAULTS as D
 from daemon.offline.options import ProcessOptions
 from daemon.offline.process import UsageError, process_file
+from daemon.weights.tiny import missing_parts
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,6 @@ def _validate(args: argparse.Namespace) -> None:
     _output_paths(args)
     if args.intrinsics is not None and not args.force_projection:
         raise UsageError("--intrinsics replace the focal of the projection step: they need --force-projection")
-    from daemon.weights.tiny import missing_parts
 
     need = {f"unet_{args.variant}", "point_map_vae", "vae", "image_encoder", "feature_extractor", "scheduler",
             "moge"}

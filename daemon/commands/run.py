@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default="config.toml", help="config file (default: ./config.toml)")
     p.add_argument("--exit-when-done", action="store_true",
                    help="exit 0 once every file source has ended (and was flushed); 1 if one failed")
-    p.add_argument("--summary", metavar="JSON", help="write per-source counters and loop-lag stats here at exit")
+    p.add_argument("--summary", metavar="JSON",
+                   help="write per-source counters and loop-lag stats here at exit")
     # PLUMBING ONLY (bench/e2e_cpu.py): replace the pipeline by the identity processor with this
     # per-window delay. Hidden: it produces no geometry.
     p.add_argument("--plumbing-identity-delay", type=float, default=None, help=argparse.SUPPRESS)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
 import argparse
 import asyncio
 import json
+from pathlib import Path
+from typing import Any
 
 from daemon.wire.subscribe import iter_frames, save_frame
 
@@ -37,7 +37,7 @@ async def _subscribe(args: argparse.Namespace) -> int:
                 frame = await asyncio.wait_for(anext(frames), args.timeout if args.timeout > 0 else None)
             except StopAsyncIteration:
                 break
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 print(f"no frame within {args.timeout}s (got {count})", flush=True)
                 return 1
             summary = frame.summary()

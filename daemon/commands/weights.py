@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from daemon.weights.manifest import check_model_dir
 from daemon.weights.pull import (
     DEFAULT_REVISIONS,
     PRIORS,
@@ -15,6 +16,7 @@ from daemon.weights.pull import (
     pull,
     pull_plan,
 )
+from daemon.weights.tiny import make_tiny
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -92,7 +94,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _report(root: Path, structure_only: bool, variant: str, prior: str = "moge1") -> int:
-    from daemon.weights.manifest import check_model_dir
 
     reports = check_model_dir(root, structure_only=structure_only, variant=variant, prior=prior)
     for r in reports:
@@ -109,8 +110,6 @@ def _report(root: Path, structure_only: bool, variant: str, prior: str = "moge1"
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from daemon.weights.tiny import make_tiny  # lazy: imports torch/diffusers
-
     make_tiny(args.dir, seed=args.seed, force=args.force)
     print(f"tiny model in {args.dir} (seed {args.seed}); random weights make no real predictions")
     return 0

@@ -6,6 +6,7 @@ Jittor; the first access of a network name imports the module that defines it.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from daemon.model.loader import CheckpointError
@@ -27,7 +28,5 @@ __all__ = ["CheckpointError", *_EXPORTS]
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        import importlib
-
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'daemon.model' has no attribute {name!r}")

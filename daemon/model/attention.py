@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 from daemon.jittor_env import import_jittor
+from daemon.model import attention_cuda
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,6 @@ def attention(q: Var, k: Var, v: Var, scale: float | None = None, max_bytes: int
     lk = k.shape[1]
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    from daemon.model import attention_cuda  # fused CUDA kernel (fp16/bf16 on GPU); plain path otherwise
 
     if attention_cuda.supports(q, k, v):
         return attention_cuda.fused_attention(q, k, v, scale)

@@ -26,6 +26,8 @@ import math
 import os
 from typing import Any
 
+from daemon.jittor_env import import_jittor
+
 log = logging.getLogger(__name__)
 
 Var = Any  # jittor.Var
@@ -156,7 +158,7 @@ __global__ void __launch_bounds__(BM) flash_fwd(const T* __restrict__ q, const T
 }
 
 }  // namespace gd_attn
-"""
+"""  # noqa: E501 (two CUDA template lines; kernel source edits would recompile it)
 
 
 def set_enabled(flag: bool) -> None:
@@ -174,7 +176,6 @@ def supports(q: Var, k: Var, v: Var) -> bool:
     within :data:`MAX_HEAD_DIM` and multiples of 4 (float4 shared-memory loads), q/k/v of one dtype."""
     if not _enabled:
         return False
-    from daemon.jittor_env import import_jittor
 
     jt = import_jittor()
     if not jt.flags.use_cuda:
@@ -194,7 +195,8 @@ def launch_source(ctype: str, d: int, dv: int, scale: float) -> str:
         f"if (gd_n > 0 && gd_lq > 0) {{\n"
         f"  dim3 gd_grid((gd_lq + {BLOCK_M} - 1) / {BLOCK_M}, gd_n);\n"
         f"  gd_attn::flash_fwd<{ctype}, {d}, {dv}, {BLOCK_M}, {BLOCK_N}, {SUB}><<<gd_grid, {BLOCK_M}>>>(\n"
-        f"      ({ctype}*)in0_p, ({ctype}*)in1_p, ({ctype}*)in2_p, ({ctype}*)out0_p, gd_lq, gd_lk, {scale_log2}f);\n"
+        f"      ({ctype}*)in0_p, ({ctype}*)in1_p, ({ctype}*)in2_p, "
+        f"({ctype}*)out0_p, gd_lq, gd_lk, {scale_log2}f);\n"
         f"}}\n"
     )
 
@@ -204,8 +206,6 @@ def fused_attention(q: Var, k: Var, v: Var, scale: float | None = None) -> Var:
 
     Caller checks :func:`supports` first (the op has no CPU source). Lk must be >= 1.
     """
-    from daemon.jittor_env import import_jittor
-
     jt = import_jittor()
     n, lq, d = q.shape
     lk, dv = k.shape[1], v.shape[2]

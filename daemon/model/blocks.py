@@ -23,8 +23,8 @@ from daemon.jittor_env import import_jittor
 from daemon.model import conv_cpu, norm_cpu
 from daemon.model.attention import attention
 
-jt = import_jittor()
-nn = jt.nn
+jt: Any = import_jittor()  # a module; typed Any so that jt.nn.Module can be a base class
+nn: Any = jt.nn
 
 Var = Any  # jittor.Var
 
@@ -82,7 +82,8 @@ class GroupNorm(nn.Module):
     def execute(self, x: Var, act: str = "") -> Var:
         """``act="silu"`` applies SiLU to the result (fused into the kernel on CPU)."""
         if not jt.flags.use_cuda:
-            return norm_cpu.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, act).cast(x.dtype)
+            return norm_cpu.group_norm(x, self.weight, self.bias, self.num_groups, self.eps,
+                                       act).cast(x.dtype)
         out = self._graph(x)
         return silu(out) if act == "silu" else out
 

@@ -21,8 +21,8 @@ from daemon.model.attention import attention, merge_heads, split_heads
 from daemon.model.blocks import ACTIVATIONS, Conv2d, LayerNorm, Linear
 from daemon.model.loader import CheckpointError, find_weights, load_into, read_config
 
-jt = import_jittor()
-nn = jt.nn
+jt: Any = import_jittor()  # a module; typed Any so that jt.nn.Module can be a base class
+nn: Any = jt.nn
 log = logging.getLogger(__name__)
 
 Var = Any

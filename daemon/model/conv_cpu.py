@@ -36,7 +36,8 @@ def dnnl_paths(prefix: str | None = None) -> tuple[Path, Path] | None:
     ``convolution_forward::desc``."""
     root = Path(prefix or os.environ.get("GEOMETRYD_DNNL_PREFIX") or "/usr")
     incs = [root / "include"]
-    libs = [root / "lib" / "x86_64-linux-gnu", root / "lib" / "aarch64-linux-gnu", root / "lib64", root / "lib"]
+    libs = [root / "lib" / "x86_64-linux-gnu", root / "lib" / "aarch64-linux-gnu", root / "lib64",
+            root / "lib"]
     inc = next((d for d in incs if (d / "dnnl.hpp").is_file()), None)
     lib = next((d for d in libs if (d / "libdnnl.so").exists()), None)
     if inc is None or lib is None:

@@ -31,7 +31,8 @@ def quantize_frames(frames01: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(frames01 * np.float32(255.0)), 0, 255).astype(np.uint8)
 
 
-def upsample_output(point_map: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def upsample_output(point_map: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray,
+                                                                                             np.ndarray]:
     """(T,h,w,3) points and (T,h,w) mask -> ``size`` = (H0, W0): bilinear points, bilinear(mask) > 0.5."""
     pts = resample.resize(np.ascontiguousarray(point_map.transpose(0, 3, 1, 2)), size, "bilinear")
     m = resample.resize(mask.astype(np.float32), size, "bilinear") > 0.5

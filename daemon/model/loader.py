@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import save_file
 
+from daemon.jittor_env import import_jittor
 from daemon.weights.manifest import HeaderError, TensorInfo, read_safetensors_header
 
 log = logging.getLogger(__name__)
@@ -134,8 +136,6 @@ def load_into(
     keep_fp32: fnmatch patterns of MODULE keys kept in fp32 whatever ``dtype`` is.
     Returns counts: ``{"tensors": loaded, "ignored": skipped, "params": total elements}``.
     """
-    from daemon.jittor_env import import_jittor
-
     jt = import_jittor()
     path = Path(weights_path)
     if dtype not in _DTYPES:
@@ -219,8 +219,6 @@ def cast_module(module: Any, dtype: str, keep_fp32: Iterable[str] = ()) -> None:
 def save_module(module: Any, folder: str | Path, config: dict,
                 weights_name: str = "diffusion_pytorch_model.safetensors") -> Path:
     """Write ``config.json`` + a safetensors file of ``module.state_dict()`` (official layout)."""
-    from safetensors.numpy import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}

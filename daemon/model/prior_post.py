@@ -41,7 +41,7 @@ class PriorStats:
     hi: np.float32  # max over frames of the 99 % disparity quantile
 
 
-def _mean(x: np.ndarray, axis: tuple[int, ...] | None = None) -> np.ndarray:
+def _mean(x: np.ndarray, axis: tuple[int, ...] | None = None) -> np.ndarray | np.float32:
     return np.mean(x, axis=axis, dtype=np.float64).astype(np.float32)
 
 
@@ -119,7 +119,8 @@ def compute_stats(points: np.ndarray, mask: np.ndarray) -> PriorStats:
     for i in range(t):
         np.multiply(points[i, ..., 2], mask[i], out=buf)
         num += np.add.reduce(buf, axis=None, dtype=np.float64)
-    s = np.float32(num / points[..., 2].size) / (np.float32(np.count_nonzero(mask) / mask.size) + np.float32(1e-8))
+    valid = np.float32(np.count_nonzero(mask) / mask.size)
+    s = np.float32(num / points[..., 2].size) / (valid + np.float32(1e-8))
     s = np.float32(max(s, np.float32(1e-3)))
     if not np.isfinite(s):  # a NaN/inf depth: the literal formulas decide what comes out
         return _compute_stats_literal(points, mask, s)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 
@@ -113,7 +114,8 @@ class _Band:
 
 
 @functools.lru_cache(maxsize=128)
-def _bands(mode_or_key: object, n_in: int, n_out: int, dtype: str, rows: int = BAND_ROWS) -> tuple[_Band, ...]:
+def _bands(mode_or_key: object, n_in: int, n_out: int, dtype: str,
+           rows: int = BAND_ROWS) -> tuple[_Band, ...]:
     """Split a dense weight matrix into blocks of output rows that touch only the input range they need.
 
     Each block is an ordinary BLAS product over the non-zero columns of its rows, so the sums run over the
@@ -134,7 +136,7 @@ def _bands(mode_or_key: object, n_in: int, n_out: int, dtype: str, rows: int = B
 def _dense_weights(key: object, n_in: int, n_out: int) -> np.ndarray:
     if isinstance(key, str):
         return _WEIGHTS[key](n_in, n_out)
-    name, *params = key  # type: ignore[misc]
+    name, *params = cast("tuple[Any, ...]", key)
     if name == "resize224":
         ksize, sigma, n224 = params
         return bicubic_align_corners_weights(n_in, n224) @ gaussian_blur_weights(n_in, ksize, sigma)
@@ -175,7 +177,8 @@ def _apply_banded(x: np.ndarray, key_y: object, key_x: object, size: tuple[int, 
 
 
 def resize_hnw(xr: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
-    """:func:`resize` on rows-outermost float32 data: xr (H_in, N, W_in) -> (H_out, N, W_out), the same values.
+    """:func:`resize` on rows-outermost float32 data: xr (H_in, N, W_in) -> (H_out, N, W_out), the same
+    values.
 
     For callers that build this layout anyway (e.g. from (n, H, W, C) frames) and save two relayouts.
     """

@@ -8,7 +8,8 @@ as float32 (like diffusers), the UNet timestep is ``0.25 * ln(sigma)`` in float3
     x  = x + (x - x0) / sigma * (sigma_next - sigma)
 
 with ``x`` upcast to float32 and ``c_out * u`` formed in the dtype of ``u`` (fp16 in the official run) the way
-upstream's CUDA kernels form it: ``u`` times the float32 scalar tensor ``c_out`` in float32 opmath, rounded once to
+upstream's CUDA kernels form it: ``u`` times the float32 scalar tensor ``c_out`` in float32 opmath, rounded
+once to
 fp16 (torch on CPU rounds ``c_out`` to fp16 first instead; 1 fp16 ulp apart in 14-59 % of elements).
 Pure numpy; no Jittor needed (the step runs host-side on small latents).
 """

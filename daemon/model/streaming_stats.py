@@ -1,4 +1,5 @@
-"""Prior statistics of a stream: which depth scale ``s`` and disparity range ``lo``/``hi`` normalise each frame.
+"""Prior statistics of a stream: which depth scale ``s`` and disparity range ``lo``/``hi`` normalise each
+frame.
 
 Pure numpy, no networks (docs/streaming.md "Statistics that follow the scene"). Two policies:
 
@@ -163,6 +164,7 @@ class FollowStats:
             target = _target(stats[first:e])
             assert self._state is not None
             old = self._state
+            step: tuple[float, ...]
             if target is None:
                 step = (0.0, 0.0, 0.0)
             else:

@@ -14,15 +14,19 @@ broadcast over all queries, bit-identical to the full computation and free of th
 
 from __future__ import annotations
 
+from typing import Any
+
 from daemon.jittor_env import import_jittor
 from daemon.model.attention import attention
 from daemon.model.blocks import AlphaBlender, GroupNorm, LayerNorm, Linear, gelu, silu, sinusoid
 
-jt = import_jittor()
-nn = jt.nn
+jt: Any = import_jittor()  # a module; typed Any so that jt.nn.Module can be a base class
+nn: Any = jt.nn
+
+Var = Any  # jittor.Var
 
 
-def add_broadcast(hidden: jt.Var, delta: jt.Var) -> jt.Var:
+def add_broadcast(hidden: Var, delta: Var) -> Var:
     """hidden [N, L, C] + delta [Nd, 1, C] where N = Nd * k and row n of hidden belongs to delta row n // k.
 
     Covers the single-token cross-attention outputs: spatial (Nd = N = B*F, one context per frame) and
@@ -50,19 +54,19 @@ class Attention(nn.Module):
         # Index 1 of diffusers' to_out is a parameter-free Dropout(0): only index 0 is kept.
         self.to_out = nn.ModuleList([Linear(inner, query_dim)])
 
-    def _split(self, x: jt.Var) -> jt.Var:
+    def _split(self, x: Var) -> Var:
         n, length, _ = x.shape
         return x.reshape((n, length, self.heads, self.dim_head)).transpose((0, 2, 1, 3)).reshape(
             (n * self.heads, length, self.dim_head)
         )
 
-    def _merge(self, x: jt.Var, n: int) -> jt.Var:
+    def _merge(self, x: Var, n: int) -> Var:
         length = x.shape[1]
         return x.reshape((n, self.heads, length, self.dim_head)).transpose((0, 2, 1, 3)).reshape(
             (n, length, self.heads * self.dim_head)
         )
 
-    def execute(self, x: jt.Var, context: jt.Var | None = None) -> jt.Var:
+    def execute(self, x: Var, context: Var | None = None) -> Var:
         """x [N, L, C]; context [Nc, Lc, D] or None (self-attention).
 
         Returns [N, L, C], except for a one-token context: then [Nc, 1, C] (combine with
@@ -89,7 +93,7 @@ class GEGLU(nn.Module):
         self.inner = inner
         self.proj = Linear(dim, inner * 2)
 
-    def execute(self, x: jt.Var) -> jt.Var:
+    def execute(self, x: Var) -> Var:
         h = self.proj(x)
         value = h[..., : self.inner]
         gate = h[..., self.inner :]
@@ -104,7 +108,7 @@ class FeedForward(nn.Module):
         inner = dim * mult
         self.net = nn.ModuleList([GEGLU(dim, inner), nn.Identity(), Linear(inner, dim_out or dim)])
 
-    def execute(self, x: jt.Var) -> jt.Var:
+    def execute(self, x: Var) -> Var:
         return self.net[2](self.net[0](x))
 
 
@@ -119,7 +123,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def execute(self, x: jt.Var, context: jt.Var) -> jt.Var:
+    def execute(self, x: Var, context: Var) -> Var:
         """x [B*F, S, C]; context [B*F, Lc, D]."""
         x = self.attn1(self.norm1(x)) + x
         x = add_broadcast(x, self.attn2(self.norm2(x), context))
@@ -139,7 +143,7 @@ class TemporalBasicTransformerBlock(nn.Module):
         self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def execute(self, x: jt.Var, num_frames: int, context: jt.Var) -> jt.Var:
+    def execute(self, x: Var, num_frames: int, context: Var) -> Var:
         """x [B*F, S, C]; context [B, Lc, D] (the first frame's context of each batch element)."""
         bf, s, c = x.shape
         b = bf // num_frames
@@ -159,7 +163,7 @@ class TemporalBasicTransformerBlock(nn.Module):
         return x.reshape((b, s, num_frames, c)).transpose((0, 2, 1, 3)).reshape((bf, s, c))
 
 
-def _expand_context(context: jt.Var, repeats: int) -> jt.Var:
+def _expand_context(context: Var, repeats: int) -> Var:
     """[B, Lc, D] -> [B*repeats, Lc, D], each batch row repeated consecutively (multi-token contexts only)."""
     b, lc, d = context.shape
     return context.reshape((b, 1, lc, d)).broadcast((b, repeats, lc, d)).reshape((b * repeats, lc, d))
@@ -172,7 +176,7 @@ class TimePosEmbedding(nn.Module):
         self.linear_1 = Linear(channels, hidden)
         self.linear_2 = Linear(hidden, channels)
 
-    def execute(self, x: jt.Var) -> jt.Var:
+    def execute(self, x: Var) -> Var:
         return self.linear_2(silu(self.linear_1(x)))
 
 
@@ -199,7 +203,7 @@ class TransformerSpatioTemporalModel(nn.Module):
         self.time_mixer = AlphaBlender(switch=False)
         self.proj_out = Linear(inner, in_channels)
 
-    def execute(self, x: jt.Var, context: jt.Var, num_frames: int) -> jt.Var:
+    def execute(self, x: Var, context: Var, num_frames: int) -> Var:
         bf, c, h, w = x.shape
         b = bf // num_frames
         # 1. first-frame context of every batch element (diffusers: time_context[::num_frames])

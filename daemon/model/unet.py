@@ -29,10 +29,11 @@ from daemon.model.blocks import (
     silu,
     sinusoid,
 )
+from daemon.model.loader import CheckpointError, find_weights, load_into, read_config
 from daemon.model.transformer import TransformerSpatioTemporalModel
 
-jt = import_jittor()
-nn = jt.nn
+jt: Any = import_jittor()  # a module; typed Any so that jt.nn.Module can be a base class
+nn: Any = jt.nn
 log = logging.getLogger(__name__)
 
 Var = Any  # jittor.Var
@@ -71,10 +72,11 @@ class UNetConfig:
     num_frames: int = 25
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "UNetConfig":
+    def from_dict(cls, config: dict[str, Any]) -> UNetConfig:
         """Keep known keys (lists become tuples); ``_class_name`` etc. are ignored."""
         known = {f.name for f in fields(cls)}
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in known}
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
+                                  if k in known}
         return cls(**kwargs)
 
 
@@ -363,8 +365,6 @@ def load_unet(folder: str | Path, dtype: str = "fp16") -> UNetVid2Vid:
     config and the file disagree, e.g. conv_in is not [block_out_channels[0], in_channels, 3, 3] or the
     model does not predict 4 channels.
     """
-    from daemon.model.loader import CheckpointError, find_weights, load_into, read_config
-
     if dtype not in ("fp16", "fp32"):
         raise ValueError(f"dtype must be 'fp16' or 'fp32', got {dtype!r}")
     folder = Path(folder)

@@ -47,8 +47,8 @@ from daemon.model.loader import (
     save_module,
 )
 
-jt = import_jittor()
-nn = jt.nn
+jt: Any = import_jittor()  # a module; typed Any so that jt.nn.Module can be a base class
+nn: Any = jt.nn
 log = logging.getLogger(__name__)
 
 Var = Any

@@ -1,1 +1,2 @@
-"""Offline processing of whole files: `geometryd process` (one clip) and `geometryd batch` (many, serial or on Ray)."""
+"""Offline processing of whole files: `geometryd process` (one clip) and `geometryd batch` (many, serial or
+on Ray)."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from pathlib import Path
 import glob
 import json
 import time
+import zipfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from daemon.offline.process import UsageError
 from daemon.offline.worker import BatchWorker, ProcessOptions, VideoResult
@@ -50,7 +51,6 @@ def is_complete(npz: Path) -> bool:
     """An existing npz with both arrays (written atomically by the worker)."""
     if not npz.is_file():
         return False
-    import zipfile
 
     try:
         with zipfile.ZipFile(npz) as z:
@@ -75,7 +75,8 @@ class Manifest:
         self._f.close()
 
 
-def run_serial(opts: ProcessOptions, jobs: list[tuple[Path, Path]], on_result: Callable[[VideoResult], None]) -> None:
+def run_serial(opts: ProcessOptions, jobs: list[tuple[Path, Path]],
+               on_result: Callable[[VideoResult], None]) -> None:
     worker = BatchWorker(opts)
     try:
         for video, out in jobs:

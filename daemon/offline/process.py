@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from daemon.depth_colour import colourise
-from daemon.jittor_env import import_jittor
+from daemon.jittor_env import detect_cuda, import_jittor
 from daemon.offline.options import ProcessOptions, UsageError
 from daemon.offline.outputs import McapSink, NpzSink, PlySink, PngDepthSink, SourceColours
 from daemon.offline.priors import PRIOR_RING_BYTES, PriorClient, prior_ring_slots
 from daemon.offline.run import OutputChunk, OutputSink, run_video
 from daemon.pipeline import GeometryCrafter
-from daemon.video import read_frames
+from daemon.video import read_frames, write_video
+from daemon.wire.encoding import png16_encode, quantize_depth
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,6 @@ __all__ = ["PRIOR_RING_BYTES", "UsageError", "prior_ring_slots", "process_file"]
 def network_dtype(choice: str) -> str:
     if choice != "auto":
         return choice
-    from daemon.jittor_env import detect_cuda
 
     return "fp16" if detect_cuda().driver_ok else "fp32"
 
@@ -44,17 +44,14 @@ def write_preview(path: Path, frames: np.ndarray, depth: np.ndarray, mask: np.nd
         if not cv2.imwrite(str(path), grid[..., ::-1]):
             raise OSError(f"cannot write {path}")
     else:
-        from daemon.video import write_video
-
         side = np.concatenate([frames, colours], axis=2)
         h, w = side.shape[1:3]
         write_video(path, side[:, : h - h % 2, : w - w % 2], fps=fps or 10.0)
 
 
 def write_png_depth(folder: Path, depth: np.ndarray, mask: np.ndarray) -> list[Path]:
-    """One ``depth_<i:06d>.png`` per frame: png16 of daemon.wire.encoding (inverse depth, tEXt scale/offset)."""
-    from daemon.wire.encoding import png16_encode, quantize_depth
-
+    """One ``depth_<i:06d>.png`` per frame: png16 of daemon.wire.encoding (inverse depth, tEXt
+    scale/offset)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(depth.shape[0]):

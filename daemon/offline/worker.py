@@ -20,6 +20,7 @@ from daemon.jittor_env import import_jittor
 from daemon.offline.options import ProcessOptions, UsageError
 from daemon.offline.outputs import NpzSink
 from daemon.offline.priors import PriorClient
+from daemon.offline.process import network_dtype
 from daemon.offline.run import run_video
 from daemon.pipeline import GeometryCrafter
 
@@ -62,7 +63,6 @@ class BatchWorker:
         removed there, daemon.jittor_env). Returns the seconds it took."""
         if self._gc is not None:
             return self.load_s
-        from daemon.offline.process import network_dtype
 
         t0 = time.perf_counter()
         import_jittor()

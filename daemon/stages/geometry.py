@@ -44,8 +44,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import multiprocessing as mp
+import signal
 import time
+import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,6 +58,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from daemon.config import Config, GeometryConfig, LoggingConfig, ModelConfig, StreamingConfig
+from daemon.frames import FrameResult
+from daemon.logging_setup import setup_logging
+from daemon.model.streaming_stats import PolicyParams
+from daemon.pipeline import GeometryCrafter, StreamingSession
+from daemon.shm import FrameRing, SlotRef
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +90,11 @@ class PipelineGeometry:
     name = "geometrycrafter"
 
     def __init__(self, model: ModelConfig, geometry: GeometryConfig, streaming: StreamingConfig) -> None:
-        from daemon.pipeline import GeometryCrafter
 
         self.geometry, self.streaming = geometry, streaming
         self.gc = GeometryCrafter.from_pretrained(model.dir, variant=model.variant, dtype=model.dtype)
 
     def new_session(self) -> Session:
-        from daemon.pipeline import StreamingSession
-        from daemon.model.streaming_stats import PolicyParams
 
         g, st = self.geometry, self.streaming
         return StreamingSession(
@@ -110,7 +116,6 @@ class _IdentitySession:
 
     def push_window(self, frames: np.ndarray, prior_points: np.ndarray, prior_mask: np.ndarray,
                     first_frame_index: int, intrinsics: tuple[float, ...] | None = None) -> list[Any]:
-        from daemon.frames import FrameResult
 
         if self.delay_s:
             time.sleep(self.delay_s)
@@ -234,8 +239,6 @@ class GeometryWorker:
     # ---- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> float:
         """Spawn the process and build the processor (model load); returns the load seconds."""
-        import multiprocessing as mp
-
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
         self._proc = ctx.Process(target=_worker_main, args=(child, self.spec), name="geometryd-geometry",
@@ -265,7 +268,7 @@ class GeometryWorker:
         msg = ("window", source, ring.name, wire, first_seq, intrinsics)
         for attempt in (1, 2):
             try:
-                return await self.request(msg, self.deadline_s)  # type: ignore[no-any-return]
+                return await self.request(msg, self.deadline_s)
             except GeometryFault as fault:
                 log.error("geometry worker fault: %s", fault,
                           extra={"source": source, "attempt": attempt, "reason": fault.reason})
@@ -277,7 +280,7 @@ class GeometryWorker:
     async def flush(self, source: str) -> list[Any]:
         """The source's held-back frames; after a fault the restarted worker has none (returns [])."""
         try:
-            return await self.request(("flush", source), self.deadline_s)  # type: ignore[no-any-return]
+            return await self.request(("flush", source), self.deadline_s)
         except GeometryFault as fault:
             await self.recover(fault)
             raise
@@ -348,8 +351,8 @@ class GeometryWorker:
             self._restart_times.popleft()
         if len(self._restart_times) >= self.policy.restart_budget:
             _kill(self._proc)
-            raise GeometryUnavailable(f"{fault}, and the restart budget is spent ({self.policy.restart_budget} "
-                                      f"restarts per {_BUDGET_WINDOW_S:.0f} s)")
+            raise GeometryUnavailable(f"{fault}, and the restart budget is spent "
+                                      f"({self.policy.restart_budget} restarts per {_BUDGET_WINDOW_S:.0f} s)")
         self._restart_times.append(now)
         self.restarts += 1
         self.restarting = True
@@ -363,7 +366,8 @@ class GeometryWorker:
                 await asyncio.wait_for(self._start_and_warm(), self.policy.restart_timeout_s)
             except Exception as exc:
                 _kill(self._proc)
-                raise GeometryUnavailable(f"geometry worker restart failed: {type(exc).__name__}: {exc}") from None
+                raise GeometryUnavailable(
+                    f"geometry worker restart failed: {type(exc).__name__}: {exc}") from None
         finally:
             self.restarting = False
         self.last_recovery_s = time.monotonic() - t0
@@ -421,7 +425,7 @@ class GeometryWorker:
         try:  # a window still running (cancelled by the shutdown grace) may finish within the timeout
             await asyncio.wait_for(self._lock.acquire(), timeout)
             locked = True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             locked = False
         if locked and self.alive:
             with contextlib.suppress(Exception):
@@ -455,9 +459,6 @@ def _kill(proc: Any) -> None:
 
 
 def _die_with_parent() -> None:
-    import ctypes
-    import signal
-
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
@@ -470,11 +471,6 @@ def _die_with_parent() -> None:
 
 def _worker_main(conn: Any, spec: ProcessorSpec) -> None:
     """Child process: build the processor, then serve requests until "stop" or EOF."""
-    import traceback
-
-    from daemon.logging_setup import setup_logging
-    from daemon.shm import FrameRing, SlotRef
-
     _die_with_parent()
     set_process_title("geometryd: geometry")
     setup_logging(spec.logging.level, spec.logging.format)

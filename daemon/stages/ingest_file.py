@@ -16,10 +16,10 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from daemon.frames import IngestFrame
 
 log = logging.getLogger(__name__)

@@ -67,6 +67,7 @@ def limit_ice_addresses(bind: str) -> None:
     def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
         return [a for a in addrs if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
 
+    # PATCH(aioice==0.13.0): module function replaced process-wide (aioice has no per-connection hook)
     aioice.ice.get_host_addresses = host_addresses
 
 
@@ -218,7 +219,8 @@ class WebrtcSources:
 # ---- WHIP routes --------------------------------------------------------------------------------------
 # WHIP ingest endpoint (aiohttp routes), after RFC 9725 (WebRTC-HTTP Ingestion Protocol), non-trickle.
 #
-# ``POST /whip/<source>`` with ``Content-Type: application/sdp`` (the offer) -> ``201`` with the answer SDP and
+# ``POST /whip/<source>`` with ``Content-Type: application/sdp`` (the offer) -> ``201`` with the answer SDP
+# and
 # ``Location: /whip/<source>/<session-id>``; ``DELETE`` on that location ends the session (``200``).
 # Errors are clean 4xx with a one-line text body: unknown or non-webrtc source / unknown session -> 404,
 # wrong content type -> 415, bad SDP -> 400, a second session for a busy source -> 409. Authentication

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -83,7 +84,8 @@ class PriorSidecar:
         self.backoff = Backoff(backoff_initial_s, backoff_max_s)
         self.threads = threads
         self.extra_env = dict(extra_env or {})
-        self.log_level, self.log_format = log_level, log_format  # the daemon's [logging]; "" = sidecar default
+        # the daemon's [logging]; "" = the sidecar's default
+        self.log_level, self.log_format = log_level, log_format
         # counters (metrics)
         self.restarts = 0
         self.requests = 0
@@ -150,7 +152,7 @@ class PriorSidecar:
             self._tmpdir = None
         self._started = False
 
-    async def __aenter__(self) -> "PriorSidecar":
+    async def __aenter__(self) -> PriorSidecar:
         await self.start()
         return self
 
@@ -193,12 +195,13 @@ class PriorSidecar:
         timeout = self.cfg.startup_timeout_s
         try:
             await asyncio.wait_for(self._handshake(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self._teardown(signal.SIGKILL, grace=0)
             raise SidecarUnavailable(f"MoGe sidecar not ready after {timeout} s") from None
         except SidecarUnavailable:
             await self._teardown(signal.SIGKILL, grace=0)
             raise
+        assert self._reader is not None  # set by the connect above
         self._read_task = asyncio.create_task(self._read_loop(self._reader, self._proc), name="prior-read")
         self._connected.set()
 
@@ -237,7 +240,7 @@ class PriorSidecar:
                 proc.send_signal(sig)
             try:
                 await asyncio.wait_for(proc.wait(), grace if grace > 0 else 5.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
@@ -269,7 +272,8 @@ class PriorSidecar:
             except json.JSONDecodeError:
                 log.warning("unparsable line from MoGe sidecar", extra={"line": line[:200]})
                 continue
-            fut = self._pending.pop(msg.get("id"), None) if isinstance(msg, dict) else None
+            rid = msg.get("id") if isinstance(msg, dict) else None
+            fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
             if fut is not None and not fut.done():
                 fut.set_result(msg)
         # EOF: the sidecar died or closed the connection
@@ -327,7 +331,7 @@ class PriorSidecar:
                 await self._call({"op": "ping"}, self.ping_timeout_s)
                 self._consecutive_failures = 0
                 self.backoff.reset()
-            except (asyncio.TimeoutError, _Crashed) as exc:
+            except (TimeoutError, _Crashed) as exc:
                 log.warning("MoGe sidecar failed its health check", extra={"error": repr(exc)})
                 try:
                     async with self._lock:
@@ -363,7 +367,7 @@ class PriorSidecar:
         await self._ensure_running("ping")
         try:
             return await self._call({"op": "ping"}, timeout)
-        except (asyncio.TimeoutError, _Crashed) as exc:
+        except (TimeoutError, _Crashed) as exc:
             raise PriorError(f"MoGe sidecar ping failed: {exc!r}") from exc
 
     async def compute(self, ring: FrameRing, refs: list[SlotRef]) -> dict[str, Any]:
@@ -385,7 +389,7 @@ class PriorSidecar:
                 log.warning("prior request interrupted; retrying",
                             extra={"ring": ring.name, "attempt": attempt})
                 continue
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 last = f"request timed out after {timeout} s (attempt {attempt})"
                 log.warning("prior request hung; killing the sidecar",
                             extra={"ring": ring.name, "attempt": attempt})
@@ -456,8 +460,6 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _socket_listening(path: Path) -> bool:
-    import socket
-
     if not path.exists():
         return False
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

@@ -51,7 +51,7 @@ class _NpzStream:
         self.meta: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
         self.frames = 0
 
-    def append(self, arrays: dict[str, np.ndarray]) -> None:
+    def append(self, arrays: dict[str, np.ndarray | np.generic]) -> None:
         for name, value in arrays.items():
             value = np.asarray(value)  # (np.ascontiguousarray would turn a scalar into shape (1,))
             if not value.flags.c_contiguous:

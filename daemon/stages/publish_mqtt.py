@@ -35,8 +35,8 @@ import socket
 import ssl
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -295,7 +295,7 @@ class MqttPublisher:
         task, self._task = self._task, None
         try:
             await asyncio.wait_for(asyncio.shield(task), max(deadline - time.monotonic(), 1.0))
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             log.warning("mqtt: the broker did not take the last messages in time; closing anyway")
         except Exception:  # the run loop never raises by design; keep close() total anyway
             log.exception("mqtt: publisher task failed")
@@ -329,7 +329,7 @@ class MqttPublisher:
         try:
             await asyncio.wait_for(self._connected.wait(), timeout_s)
             return True
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             return False
 
     # --- public publishing API ------------------------------------------------------------------------
@@ -443,7 +443,8 @@ class MqttPublisher:
                         metric_scale=repr(float(getattr(result, "metric_scale", 1.0))))
             user.update(extra or {})
             topic_kind = f"preview/{kind}" if tier == "preview" else kind
-            out.append(self._message(source, topic_kind, payload, user, content_type, int(cfg.qos), retain=False))
+            out.append(self._message(source, topic_kind, payload, user, content_type, int(cfg.qos),
+                                     retain=False))
         return out
 
     def _message(
@@ -552,12 +553,14 @@ class MqttPublisher:
             logger=logging.getLogger(f"{__name__}.aiomqtt"),
         )
         # aiomqtt ignores CONNACK properties; the broker's Maximum Packet Size is the limit that matters.
+        # PATCH(aiomqtt==2.5.1): its private paho client, to chain on_connect and read CONNACK properties
         paho_client = client._client
-        on_connect = paho_client.on_connect
+        on_connect: Callable[..., None] | None = paho_client.on_connect
 
         def capture_connack(c: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
             self._broker_max_packet = getattr(properties, "MaximumPacketSize", None) if properties else None
-            on_connect(c, userdata, flags, reason, properties)
+            if on_connect is not None:
+                on_connect(c, userdata, flags, reason, properties)
 
         paho_client.on_connect = capture_connack
         return client
@@ -608,7 +611,7 @@ class MqttPublisher:
                 return
             try:
                 await asyncio.wait_for(self._stop.wait(), backoff.next())
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 pass
 
     def _connect_failed(self, where: str, exc: Exception) -> None:
@@ -635,6 +638,7 @@ class MqttPublisher:
         import aiomqtt
 
         assert self._outbox is not None and self._wake is not None and self._stop is not None
+        # PATCH(aiomqtt==2.5.1): the private future aiomqtt resolves when the connection drops
         disconnected: asyncio.Future[None] = client._disconnected
         while True:
             while self._retained_dirty:
@@ -669,7 +673,8 @@ class MqttPublisher:
             self._wake.clear()
             wake = asyncio.ensure_future(self._wake.wait())
             try:
-                await asyncio.wait({wake, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+                waiting: set[asyncio.Future[Any]] = {wake, disconnected}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 wake.cancel()
             if disconnected.done():
@@ -695,7 +700,7 @@ class MqttPublisher:
         self._inflight += 1
         try:
             await asyncio.wait_for(publish_or_disconnect(), timeout)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise _Timeout(
                 f"publish to {msg.topic} ({msg.packet_size} bytes) timed out after {timeout}s"
             ) from None
@@ -732,6 +737,7 @@ def _force_close(client: Any) -> None:
     if paho_client is None or paho_client.socket() is None:
         return
     try:
+        # PATCH(paho-mqtt==2.2.0): private socket close; aiomqtt leaves it open after a failed exit
         paho_client._sock_close()
     except Exception:  # best effort on an already broken connection
         log.debug("mqtt: closing a stale socket failed", exc_info=True)

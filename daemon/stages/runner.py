@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -19,17 +18,17 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from daemon.config import Config, Source
+from daemon.frames import FrameMeta
 from daemon.intrinsics import normalise_pixel_intrinsics
 from daemon.metrics import Metrics
 from daemon.progress import ProgressMonitor
 from daemon.shm import FrameRing, RingFullError
+from daemon.stages.colour_stash import ColourStash
 from daemon.stages.geometry import GeometryFault, GeometryUnavailable, GeometryWorker
 from daemon.stages.ingest_file import FileIngest, IngestError
 from daemon.stages.ingest_rtsp import RtspIngest
-from daemon.stages.colour_stash import ColourStash
 from daemon.stages.preview import PreviewScale, make_preview
 from daemon.stages.prior import PriorSidecar, SidecarBudgetExhausted
-from daemon.frames import FrameMeta
 from daemon.stages.window import Admission, Verdict, Window, WindowBuilder
 
 if TYPE_CHECKING:
@@ -111,6 +110,12 @@ class SourceRunner:
         self.intrinsics: tuple[float, ...] | None = None  # src.intrinsics normalised for the decoded size
         self._intrinsics_size: tuple[int, int] | None = None
 
+    @property
+    def _ring(self) -> FrameRing:
+        """The source's ring, which the supervisor creates before :meth:`run`."""
+        assert self.ring is not None, f"source {self.name}: no ring yet"
+        return self.ring
+
     def _make_ingest(self) -> Any:
         g = self.d.cfg.geometry
         src = self.src
@@ -126,7 +131,7 @@ class SourceRunner:
             return RtspIngest(self.name, src, g.height, g.width, on_reconnect=on_reconnect,
                               on_up=lambda up: m.source_up.labels(self.name).set(1 if up else 0),
                               on_error=lambda kind: m.source_errors.labels(self.name, kind).inc())
-        if src.type == "webrtc":  # sessions arrive through WHIP (stages/ingest_webrtc.py)
+        if src.type == "webrtc" and self.d.webrtc is not None:  # sessions arrive through WHIP (ingest_webrtc)
             return self.d.webrtc.get(self.name)
         raise NotImplementedError(f"source {self.name}: type {src.type!r} is not served by this build")
 
@@ -205,7 +210,7 @@ class SourceRunner:
                 ref = None
                 while ref is None:
                     try:
-                        ref = self.ring.write_frame(fr.image, idx, fr.pts)
+                        ref = self._ring.write_frame(fr.image, idx, fr.pts)
                     except RingFullError:
                         if live:
                             break
@@ -285,11 +290,11 @@ class SourceRunner:
                         end = True
                         break
                     batch.append(nxt)
-                need = [r for r, _, _ in batch if not self.ring.has_prior(r)]
+                need = [r for r, _, _ in batch if not self._ring.has_prior(r)]
                 ok = True
                 try:
                     if need:
-                        await self.d.sidecar.compute(self.ring, need)
+                        await self.d.sidecar.compute(self._ring, need)
                 except Exception as exc:  # the window's own prior request retries these frames
                     ok = False
                     log.warning("prior of arriving frames failed", extra={"source": self.name,
@@ -314,9 +319,9 @@ class SourceRunner:
 
     def _copy_prior(self, ref: Any, meta: FrameMeta) -> tuple[Any, Any] | None:
         try:
-            points = self.ring.prior_points(ref).copy()
-            mask = self.ring.prior_mask(ref).copy()
-            self.ring.verify(ref)
+            points = self._ring.prior_points(ref).copy()
+            mask = self._ring.prior_mask(ref).copy()
+            self._ring.verify(ref)
         except Exception as exc:  # the slot was reused (cannot happen while its window waits for it)
             log.warning("preview lost", extra={"source": self.name, "seq": meta.seq, "error": str(exc)})
             return None
@@ -358,7 +363,7 @@ class SourceRunner:
                 await self.geo_q.put(win)
                 continue
             await self._wait_frame_priors(win)
-            need = [r for r in win.refs if not self.ring.has_prior(r)]
+            need = [r for r in win.refs if not self._ring.has_prior(r)]
             t0 = time.monotonic()
             try:
                 if need:
@@ -385,7 +390,7 @@ class SourceRunner:
         sidecar = self.d.sidecar
         while True:
             try:
-                await sidecar.compute(self.ring, refs)
+                await sidecar.compute(self._ring, refs)
                 return
             except SidecarBudgetExhausted as exc:
                 if self.src.type == "file" or self.d.stop_event.is_set():
@@ -411,7 +416,7 @@ class SourceRunner:
             t0 = time.monotonic()
             self.in_geometry = True
             try:
-                results = await worker.push_window(self.name, self.ring, win.refs, win.first_seq,
+                results = await worker.push_window(self.name, self._ring, win.refs, win.first_seq,
                                                    self.intrinsics)
             except GeometryUnavailable as exc:
                 self._drop_through(win, worker.last_fault or "geometry_crash")
@@ -441,7 +446,8 @@ class SourceRunner:
             m.observe_stage("geometry", self.name, dt)
             m.windows.labels(self.name).inc()
             self.windows_done += 1
-            self.admission.note_window(win.n_new, max(dt, win.prior_s), win.window_id)  # the two stages overlap
+            self.admission.note_window(win.n_new, max(dt, win.prior_s),
+                                       win.window_id)  # the two stages overlap
             self._release(win)
             await self._publish(results)
         try:
@@ -455,7 +461,7 @@ class SourceRunner:
         if self._session_gen != worker.generation and self.inflight:  # held back by a worker that died
             self._drop_before(self._seq, worker.last_fault or "geometry_crash")
         for ref in self.builder.release_carry():
-            self.ring.release(ref)
+            self._ring.release(ref)
 
     def _drop_before(self, seq: int, reason: str) -> None:
         """Count admitted frames below ``seq`` that have no result (held back in a lost session)."""
@@ -473,7 +479,7 @@ class SourceRunner:
 
     def _release(self, win: Window) -> None:
         for ref in self.builder.done(win):
-            self.ring.release(ref)
+            self._ring.release(ref)
 
     def _drop_frames(self, metas: list[FrameMeta], reason: str) -> None:
         n = sum(1 for meta in metas if self.inflight.pop(meta.seq, None) is not None)
@@ -537,6 +543,7 @@ class SourceRunner:
                 m.drop(self.name, f"mqtt_{reason}")
 
         if batch:
+            assert self.d.mqtt is not None  # batch only fills when there is a publisher
             extra = [{"window_fps": f"{metas[r.frame_index].window_fps:.4f}"} for r in batch]
             await self.d.mqtt.publish_frames(self.name, batch, [metas[r.frame_index].pts for r in batch],
                                              on_done=done, extra=extra)

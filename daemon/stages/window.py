@@ -13,7 +13,8 @@ admitted (``skip`` counts it skipped, ``queue`` counts it dropped). ``skip`` add
 before they enter a window, keeping the fraction ``capacity_fps / input_fps`` measured online, evenly
 spaced in SOURCE time: an admitted frame sets the next admission time ``pts + 1 / (keep * source_fps)``
 (``source_fps`` from pts deltas), so a source with jittery arrival or a variable frame rate still gives
-windows of evenly spaced frames. Each window's effective frame rate (``window_fps``) is recorded. The ring therefore needs at most
+windows of evenly spaced frames. Each window's effective frame rate (``window_fps``) is recorded. The ring
+therefore needs at most
 ``window_size + (bound + 1) * stride`` slots (:func:`ring_slots`).
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+
 from daemon.frames import FrameMeta
 
 

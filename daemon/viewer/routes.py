@@ -9,6 +9,7 @@ with FPS/latency overlays; ``GET /viewer/publish/<source>`` publishes the browse
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
 from collections.abc import Callable
@@ -76,8 +77,6 @@ def add_routes(app: web.Application, hub: ResultsHub, source_types: Callable[[],
             async for msg in sock:  # the client sends nothing; this notices the close
                 if msg.type == WSMsgType.ERROR:
                     break
-
-        import asyncio
 
         reader = asyncio.create_task(drain_incoming())
         try:

@@ -18,7 +18,8 @@ from daemon.viewer import routes
 from daemon.viewer.hub import ResultsHub
 
 
-def build_web(cfg: Config, metrics: Metrics) -> tuple[WebrtcSources, ResultsHub, Callable[[web.Application], None]]:
+def build_web(cfg: Config, metrics: Metrics) -> tuple[WebrtcSources, ResultsHub,
+                                                      Callable[[web.Application], None]]:
     limit_ice_addresses(cfg.http.bind)
     g = cfg.geometry
     sources: dict[str, WebrtcSource] = {}
@@ -38,7 +39,7 @@ def build_web(cfg: Config, metrics: Metrics) -> tuple[WebrtcSources, ResultsHub,
         sources[name] = WebrtcSource(name, g.height, g.width, on_dropped=dropped, on_up=up)
     webrtc = WebrtcSources(sources)
     hub = ResultsHub(list(cfg.sources))
-    types = {name: src.type for name, src in cfg.sources.items()}
+    types: dict[str, str] = {name: src.type for name, src in cfg.sources.items()}
 
     def setup(app: web.Application) -> None:
         add_whip_routes(app, webrtc)

@@ -1,4 +1,5 @@
-"""Tiny configurations (and the official ones they shrink) that keep the official structure (all levels, attention where the official model
+"""Tiny configurations (and the official ones they shrink) that keep the official structure (all levels,
+attention where the official model
 has it, several frames) and shrink only widths. Used by `geometryd weights make-tiny`, the demo and tests.
 
 Official values: ../shared/spec/geometrycrafter.md section 1.2. Constraint: every GroupNorm has 32 groups,

@@ -5,16 +5,15 @@
 ``feature_extractor/``, ``scheduler/`` from the licence-gated stabilityai/stable-video-diffusion-img2vid-xt;
 ``moge/model.pt`` from Ruicheng/moge-vitl). The file plan is a pure function (`pull_plan`), the download is
 ``huggingface_hub.hf_hub_download`` per file (``HF_TOKEN`` is honoured by the hub client).
-``check`` reads safetensors headers only (`daemon.weights.manifest`). ``make-tiny`` calls `daemon.weights.tiny.make_tiny`.
+``check`` reads safetensors headers only (`daemon.weights.manifest`). ``make-tiny`` calls
+`daemon.weights.tiny.make_tiny`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from daemon.weights import configs as tiny_configs
 
@@ -125,7 +126,7 @@ def _write_clip(out: Path, seed: int) -> None:
 
 
 def _write_point_map_vae(out: Path, seed: int) -> None:
-    from daemon.model import init_point_map_vae, save_point_map_vae
+    from daemon.model.vae import init_point_map_vae, save_point_map_vae  # imports Jittor
 
     module = init_point_map_vae(dict(tiny_configs.TINY_POINT_MAP_VAE), seed + 300)
     save_point_map_vae(module, out)

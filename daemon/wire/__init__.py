@@ -1,1 +1,2 @@
-"""The MQTT schema both sides speak: payload encodings (encoding.py) and the reference subscriber (subscribe.py)."""
+"""The MQTT schema both sides speak: payload encodings (encoding.py) and the reference subscriber
+(subscribe.py)."""

@@ -24,6 +24,8 @@ import zlib
 from typing import Any
 
 import numpy as np
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 SCHEMA_VERSION = 1
 DEPTH_ENCODINGS = ("png16", "f16")
@@ -58,9 +60,6 @@ def frame_properties(
 
 def to_mqtt_properties(user: dict[str, str], content_type: str, *, utf8_payload: bool = False) -> Any:
     """paho ``Properties(PacketTypes.PUBLISH)`` with the user properties in insertion order."""
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
     props = Properties(PacketTypes.PUBLISH)
     props.ContentType = content_type
     if utf8_payload:

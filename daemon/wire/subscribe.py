@@ -6,18 +6,17 @@ frame_index) using each message's ``frame_parts`` property and yields one ``Rece
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from paho.mqtt.properties import Properties, VariableByteIntegers
 
 from daemon.wire import encoding
 
@@ -82,8 +81,7 @@ def install_fast_properties_unpack() -> None:
     property: ~100 ms per 3.6 MB points message with ~17 properties (measured). Unpacking a buffer cut to the
     properties' own length returns the same result, so the wrapper only does that.
     """
-    from paho.mqtt.properties import Properties, VariableByteIntegers
-
+    # PATCH(paho-mqtt==2.2.0): Properties.unpack replaced process-wide (copies the payload per property)
     if getattr(Properties.unpack, "_geometryd_fast", False):
         return
     original = Properties.unpack
@@ -133,7 +131,7 @@ async def iter_frames(
     identifier: str | None = None,
     ready: asyncio.Event | None = None,
     max_pending: int = 64,
-) -> AsyncIterator[ReceivedFrame]:
+) -> AsyncGenerator[ReceivedFrame, None]:
     """Yield decoded frames of ``source`` (``+`` = all) as they complete; ``ready`` is set once subscribed.
 
     A frame is complete when every part named by its ``frame_parts`` property arrived. Incomplete frames
