@@ -135,10 +135,21 @@ class GeometryConfig(_Section, frozen=True, kw_only=True):
     metric: bool = False
 
 
+PriorDevice = Literal["auto", "cpu", "cuda"]
+
+
+def prior_device(value: str) -> PriorDevice:
+    """A device name from the command line as the schema's type (ValueError if it is none of them)."""
+    for choice in typing.get_args(PriorDevice):
+        if value == choice:
+            return choice
+    raise ValueError(f"prior device must be auto, cpu or cuda, got {value!r}")
+
+
 class PriorConfig(_Section, frozen=True, kw_only=True):
     checkpoint: str = ""
     python: str = ""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: PriorDevice = "auto"
     fp16: bool = False
     resolution_level: Annotated[int, msgspec.Meta(ge=0, le=9)] = 9
     request_timeout_s: PosSeconds = 300.0

@@ -12,6 +12,8 @@ Constraint (../shared/notes/dependencies.md): head channel counts are multiples 
 
 from __future__ import annotations
 
+import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -122,9 +124,6 @@ def make_tiny_moge2(path: Path, seed: int = 0, metric_scale: float = 3.0) -> Non
     The scale head's output bias is set so that its metric scale is about ``metric_scale`` (a random head
     gives ~1, which would make a metric test unable to tell scaled from unscaled output); the mask head's
     bias is shifted so that about half the pixels of an image are valid (sigmoid > 0.5)."""
-    import math
-    import warnings
-
     import torch
     from moge.model.v2 import MoGeModel
 
@@ -150,6 +149,4 @@ def make_tiny_moge2(path: Path, seed: int = 0, metric_scale: float = 3.0) -> Non
 
 def json_copy(data: dict[str, Any]) -> dict[str, Any]:
     """A deep copy of a JSON-like config (MoGe's constructors keep references to the lists they get)."""
-    import json
-
     return json.loads(json.dumps(data))

@@ -13,7 +13,8 @@ them, and a tiny synthetic tree in tmp_path that breaks it once is caught. How t
    (the offline runner behind ``process`` and ``batch``; ``daemon/cluster/`` reaches it only through
    ``daemon.offline.worker``) and by nothing else under ``daemon/``. ``daemon.wire`` is imported by the
    publishers (``stages/publish_*``), ``commands/subscribe``, ``commands/demo`` (it subscribes to its own
-   run), ``offline/process`` (it writes the file publisher's png16 depth), ``viewer/`` and ``wire/`` itself.
+   run), ``offline/outputs`` (the offline sinks write the publishers' png16 depth and Foxglove messages),
+  ``stages/colour_stash`` (the publishers' JPEG colour store), ``viewer/`` and ``wire/`` itself.
 5. Nothing under ``daemon/`` imports ``bench``, ``tests`` or ``reference``.
 6. ``moge_sidecar`` imports of ``daemon``: public names of ``daemon.shm`` and ``daemon.logging_setup`` (the
    daemon's log line; standard library only). It never imports Jittor, ``daemon.jittor_env`` or
@@ -53,8 +54,8 @@ RULE8_EXCEPTIONS: dict[tuple[str, str], str] = {
 }
 SIDECAR_DAEMON_IMPORTS = ("daemon.shm", "daemon.logging_setup")
 PIPELINE_IMPORTERS = ("daemon/stages/geometry.py", "daemon/offline/")
-WIRE_IMPORTERS = ("daemon/stages/publish_", "daemon/commands/subscribe.py", "daemon/commands/demo.py",
-                  "daemon/offline/process.py", "daemon/viewer/", "daemon/wire/")
+WIRE_IMPORTERS = ("daemon/stages/publish_", "daemon/stages/colour_stash.py", "daemon/commands/subscribe.py",
+                  "daemon/commands/demo.py", "daemon/offline/outputs.py", "daemon/viewer/", "daemon/wire/")
 PATCH_TAG = re.compile(r"#\s*PATCH\((?P<body>[^)]*)\)(?P<rest>.*)")
 
 
@@ -65,6 +66,7 @@ class Import:
     target: str  # absolute dotted module
     names: tuple[str, ...]  # the names of a ``from`` import, () for ``import x``
     in_function: bool
+    type_only: bool = False  # under ``if TYPE_CHECKING:``: never executed, so it loads nothing
 
     def where(self) -> str:
         return f"{self.file}:{self.line}"
@@ -94,11 +96,12 @@ def read_imports(root: Path, tops: Iterable[str] = SCANNED) -> list[Import]:
             package = name if rel.endswith("__init__.py") else name.rpartition(".")[0]
             tree = ast.parse(path.read_text(encoding="utf-8"), filename=rel)
 
-            def visit(node: ast.AST, in_function: bool, rel: str = rel, package: str = package) -> None:
+            def visit(node: ast.AST, in_function: bool, rel: str = rel, package: str = package,
+                      type_only: bool = False) -> None:
                 for child in ast.iter_child_nodes(node):
                     if isinstance(child, ast.Import):
                         for alias in child.names:
-                            found.append(Import(rel, child.lineno, alias.name, (), in_function))
+                            found.append(Import(rel, child.lineno, alias.name, (), in_function, type_only))
                     elif isinstance(child, ast.ImportFrom):
                         base = child.module or ""
                         if child.level:
@@ -108,9 +111,11 @@ def read_imports(root: Path, tops: Iterable[str] = SCANNED) -> list[Import]:
                         targets = dict.fromkeys(f"{base}.{n}" if f"{base}.{n}" in modules else base
                                                 for n in names)
                         for target in targets:
-                            found.append(Import(rel, child.lineno, target, names, in_function))
+                            found.append(Import(rel, child.lineno, target, names, in_function, type_only))
+                    checking = isinstance(child, ast.If) and ast.unparse(child.test) in ("TYPE_CHECKING",
+                                                                                      "typing.TYPE_CHECKING")
                     visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
-                                                                   ast.Lambda)))
+                                                                   ast.Lambda)), type_only=type_only or checking)
 
             visit(tree, False)
     return found
@@ -158,7 +163,7 @@ def rule4_pipeline_and_wire(imports: list[Import], root: Path) -> Violations:
         if _is(i.target, "daemon.pipeline") and not i.file.startswith(PIPELINE_IMPORTERS):
             out.append(f"{i.where()}: rule 4: only stages/geometry.py and offline/ import daemon.pipeline")
         if _is(i.target, "daemon.wire") and not i.file.startswith(WIRE_IMPORTERS):
-            out.append(f"{i.where()}: rule 4: only publishers, commands/subscribe|demo, offline/process and "
+            out.append(f"{i.where()}: rule 4: only publishers, colour_stash, commands/subscribe|demo, offline/outputs and "
                        "viewer/ import daemon.wire")
     return out
 
@@ -210,7 +215,7 @@ def heavy_modules(imports: list[Import], root: Path) -> set[str]:
     paths = [p for top in SCANNED for p in (root / top).rglob("*.py")]
     files = {_module_name(p.relative_to(root).as_posix()): p for p in paths}
     heavy = {m for m, p in files.items() if _calls_import_jittor_at_top(p)}
-    top = [i for i in imports if not i.in_function]
+    top = [i for i in imports if not i.in_function and not i.type_only]
     heavy |= {_module_name(i.file) for i in top if _is(i.target, *HEAVY)}
     while True:
         more = {_module_name(i.file) for i in top if i.target in heavy} - heavy

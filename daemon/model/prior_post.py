@@ -201,11 +201,11 @@ class StatsAccumulator:
         lo, hi = [], []
         for a, b in self._order:
             qs = []
-            for z in (a, b):
-                if z is None:
+            for zq in (a, b):
+                if zq is None:
                     qs.append(np.float32(0.0))
                 else:
-                    zs = np.divide(np.float32(z), s, dtype=np.float32)
+                    zs = np.divide(np.float32(zq), s, dtype=np.float32)
                     qs.append((np.float32(1.0) / np.maximum(zs, np.float32(1e-3))).astype(np.float32))
             lo.append(qs[0])
             hi.append(qs[1])

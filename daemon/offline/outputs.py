@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -20,9 +20,7 @@ from daemon.config import McapConfig
 from daemon.frames import FrameResult
 from daemon.offline.ply import write_ply
 from daemon.offline.run import OutputChunk
-from daemon.stages.publish_mcap import McapFile
 from daemon.video import iter_frames
-from daemon.wire import foxglove as fx
 from daemon.wire.encoding import png16_encode, quantize_depth
 
 
@@ -163,16 +161,20 @@ class McapSink:
         self.path, self.source, self.stride, self.colours = Path(path), source, stride, colours
         self.cfg = McapConfig()
         self._tmp = self.path.with_name(f".{self.path.name}.tmp")
-        self._file: McapFile | None = None
+        self._file: Any = None  # daemon.stages.publish_mcap.McapFile
         self._fps = 0.0
 
     def begin(self, frames: int, height: int, width: int, fps: float) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        from daemon.stages.publish_mcap import McapFile  # heavy: mcap, foxglove
+
         self._tmp.unlink(missing_ok=True)
         self._file = McapFile(self._tmp, self.cfg.compression)
         self._fps = fps
 
     def add(self, chunk: OutputChunk) -> None:
+        from daemon.wire import foxglove as fx  # heavy: foxglove
+
         assert self._file is not None
         n = len(chunk.mask)
         rgb = self.colours.take(chunk.start, n) if self.colours is not None and self.cfg.colour else [None] * n

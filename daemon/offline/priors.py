@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from daemon.config import PriorConfig
+from daemon.config import PriorConfig, prior_device
 from daemon.shm import FrameRing, SlotRef
 from daemon.stages.prior import PriorSidecar
 
@@ -43,7 +43,7 @@ class PriorClient:
     def __init__(self, checkpoint: Path, *, device: str = "auto", python: str = "", chunk: int = 8,
                  request_timeout_s: float = 3600.0) -> None:
         self.checkpoint = Path(checkpoint)
-        self.settings = PriorConfig(checkpoint=str(checkpoint), python=python, device=device, fp16=False,
+        self.settings = PriorConfig(checkpoint=str(checkpoint), python=python, device=prior_device(device), fp16=False,
                                     resolution_level=9, request_timeout_s=request_timeout_s)
         self.chunk = chunk
         self._sidecar: PriorSidecar | None = None

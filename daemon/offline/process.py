@@ -18,7 +18,6 @@ from daemon.offline.priors import PRIOR_RING_BYTES, PriorClient, prior_ring_slot
 from daemon.offline.run import OutputChunk, OutputSink, run_video
 from daemon.pipeline import GeometryCrafter
 from daemon.video import read_frames, write_video
-from daemon.wire.encoding import png16_encode, quantize_depth
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +46,6 @@ def write_preview(path: Path, frames: np.ndarray, depth: np.ndarray, mask: np.nd
         side = np.concatenate([frames, colours], axis=2)
         h, w = side.shape[1:3]
         write_video(path, side[:, : h - h % 2, : w - w % 2], fps=fps or 10.0)
-
-
-def write_png_depth(folder: Path, depth: np.ndarray, mask: np.ndarray) -> list[Path]:
-    """One ``depth_<i:06d>.png`` per frame: png16 of daemon.wire.encoding (inverse depth, tEXt
-    scale/offset)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(depth.shape[0]):
-        q, props = quantize_depth(depth[i], mask[i])
-        p = folder / f"depth_{i:06d}.png"
-        p.write_bytes(png16_encode(q, text=props))
-        paths.append(p)
-    return paths
 
 
 class PreviewSink:

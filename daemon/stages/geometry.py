@@ -108,6 +108,11 @@ class PipelineGeometry:
         )
 
 
+def _four(values: tuple[float, ...]) -> tuple[float, float, float, float]:
+    fx, fy, cx, cy = values
+    return fx, fy, cx, cy
+
+
 class _IdentitySession:
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
@@ -126,7 +131,7 @@ class _IdentitySession:
                 continue  # overlap frame already emitted by the previous window
             pts = prior_points[i].astype(np.float32)
             out.append(FrameResult(idx, self._window_id, pts, pts[..., 2].copy(), prior_mask[i].copy(),
-                                   intrinsics or (1.0, 1.0, 0.5, 0.5)))
+                                   _four(intrinsics) if intrinsics else (1.0, 1.0, 0.5, 0.5)))
             self._emitted = idx
         self._window_id += 1
         return out

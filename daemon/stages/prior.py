@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from daemon.backoff import Backoff
-from daemon.config import PriorConfig
+from daemon.config import PriorConfig, prior_device
 from daemon.shm import FrameRing, SlotRef
 
 log = logging.getLogger(__name__)
@@ -483,7 +483,7 @@ def run_priors(frames: np.ndarray, checkpoint: Path, device: str = "cpu", fp16: 
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be (T,H,W,3) uint8, got {frames.shape} {frames.dtype}")
-    settings = PriorConfig(checkpoint=str(checkpoint), python=python or "", device=device, fp16=fp16,
+    settings = PriorConfig(checkpoint=str(checkpoint), python=python or "", device=prior_device(device), fp16=fp16,
                            resolution_level=resolution_level, request_timeout_s=request_timeout_s)
     return asyncio.run(_run_priors(frames, settings, Path(checkpoint), chunk, n_slots, moge_version, threads))
 
