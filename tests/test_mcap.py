@@ -281,10 +281,9 @@ def test_colour_stash_is_bounded_and_round_trips() -> None:
 
 def test_channel_units_follow_the_result(tmp_path: Path) -> None:
     import dataclasses
-    from types import SimpleNamespace
 
     frame = make_frame(0, H, W)
-    metric = SimpleNamespace(**{f.name: getattr(frame, f.name) for f in dataclasses.fields(frame)}, units="metric")
+    metric = dataclasses.replace(frame, units="metric")
     rec = _recorder(tmp_path)
     rec.write_frame("m", metric, 0.0)
     rec.write_frame("r", frame, 0.0)
