@@ -74,8 +74,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "process_memory.json")
     ap.add_argument("--label", default="")
     ap.add_argument("--window", type=int, default=0,
-                    help="> 0: --window-size W --overlap 1 --decode-chunk-size W, so that clips longer than W hold "
-                         "the networks' working set constant and only the clip's own growth shows")
+                    help="> 0: --window-size W --overlap 1 --decode-chunk-size W, so that clips longer "
+                         "than W hold the networks' working set constant and only the clip's own growth "
+                         "shows")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     from daemon.weights.tiny import make_tiny
@@ -87,9 +88,11 @@ def main() -> None:
         if not clip.exists():
             write_clip(clip, n, 2160, 3840)
         cmd = [sys.executable, "-m", "daemon", "process", str(clip), "--model-dir", str(model), "--out",
-               str(args.work / "out.npz"), "--height", "128", "--width", "256", "--steps", "1", "--device", "cpu"]
+               str(args.work / "out.npz"), "--height", "128", "--width", "256", "--steps", "1",
+               "--device", "cpu"]
         if args.window > 0:
-            cmd += ["--window-size", str(args.window), "--overlap", "1", "--decode-chunk-size", str(args.window)]
+            cmd += ["--window-size", str(args.window), "--overlap", "1",
+                    "--decode-chunk-size", str(args.window)]
         rec = {"label": args.label, "frames": n, "size": "3840x2160", "work_size": "256x128",
                "window": args.window or "default (110, decode chunk 8)",
                "clip_decoded_mib": n * 2160 * 3840 * 3 / 2**20, "cpus": os.cpu_count(),

@@ -516,7 +516,8 @@ def _describe(info: Any) -> str:
     if isinstance(info, mi.UnionType):  # `X | None` keys: the TOML file can only give X
         return " or ".join(_describe(t) for t in info.types if not isinstance(t, mi.NoneType))
     if isinstance(info, mi.ListType) and info.min_length is not None and info.min_length == info.max_length:
-        return f"an array of {info.min_length} {'numbers' if isinstance(info.item_type, mi.FloatType) else 'items'}"
+        return (f"an array of {info.min_length} "
+                f"{'numbers' if isinstance(info.item_type, mi.FloatType) else 'items'}")
     return "a valid value"
 
 
@@ -598,7 +599,8 @@ def _check(cfg: Config) -> None:
         allowed = f"must be < geometry.window_size ({g.window_size})"
         raise ConfigError("geometry.overlap", _fmt(g.overlap), allowed)
     if g.metric and cfg.prior.model != "moge2":
-        raise ConfigError("geometry.metric", "true", 'needs prior.model = "moge2" (MoGe-1 has no metric scale)')
+        raise ConfigError("geometry.metric", "true",
+                          'needs prior.model = "moge2" (MoGe-1 has no metric scale)')
     m = cfg.mqtt
     if m.reconnect_initial_s > m.reconnect_max_s:
         raise ConfigError(

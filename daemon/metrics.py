@@ -90,7 +90,8 @@ class Metrics:
                                          "Ingest-to-publish latency per preview frame", ["source"],
                                          buckets=_STAGE_BUCKETS, registry=r)
         self.window_fps = Gauge("geometryd_window_fps",
-                                "Effective source frame rate (pts) of the last window", ["source"], registry=r)
+                                "Effective source frame rate (pts) of the last window", ["source"],
+                                registry=r)
         self.sink_frames = Counter("geometryd_sink_frames", "Frames written by a recording/live sink (mcap, "
                                    "foxglove)", ["sink", "source"], registry=r)
         self.sink_bytes = Counter("geometryd_sink_bytes", "Bytes written by a recording/live sink",

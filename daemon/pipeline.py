@@ -686,7 +686,8 @@ class GeometryCrafter:
             x4 = prior_to_x4(prior_points, prior_mask, size, stats, nan_guard=nan_guard)
         latents = self.offline_latents(frames, x4, size, window_size=window_size, overlap=overlap,
                                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                       decode_chunk_size=decode_chunk_size, noise=noise, seed=seed, stages=stages)
+                                       decode_chunk_size=decode_chunk_size, noise=noise, seed=seed,
+                                       stages=stages)
         del x4
 
         with stages.stage("decode", t) as tick:

@@ -193,7 +193,8 @@ class Daemon:
     async def _start_sidecar(self, stack: contextlib.AsyncExitStack) -> None:
         ckpt = self.cfg.prior_checkpoint()
         lg = self.cfg.logging
-        self.sidecar = PriorSidecar(self.cfg.prior, ckpt, log_level=lg.level,  # interpreter: prior.python or ours
+        # interpreter: prior.python or ours
+        self.sidecar = PriorSidecar(self.cfg.prior, ckpt, log_level=lg.level,
                                     log_format=lg.format, moge_version=self.cfg.moge_version())
         log.info("starting prior sidecar", extra={"checkpoint": str(ckpt), "model": self.cfg.prior.model})
         await self.sidecar.start()
@@ -207,7 +208,8 @@ class Daemon:
 
         cfg = self.cfg
         if self.identity_delay is not None:
-            log.warning("PLUMBING-ONLY identity geometry selected: outputs are the prior, not GeometryCrafter")
+            log.warning("PLUMBING-ONLY identity geometry selected: outputs are the prior, "
+                        "not GeometryCrafter")
         spec = ProcessorSpec.from_config(cfg, self.identity_delay)
         self.worker = GeometryWorker(spec)
         self.worker.on_unavailable = self.fatal

@@ -1,11 +1,11 @@
 """`geometryd process VIDEO`: offline GeometryCrafter on one file, upstream semantics (run.py, spec 4.1/4.7).
 
 Stages (daemon/offline/run.py, shared with `geometryd batch`): streamed decode (PyAV) -> MoGe priors through
-the real sidecar process -> GeometryCrafter (offline semantics) -> ``OUT.npz`` with ``point_map`` float16 (T,H,W,3) and
-``mask`` bool (T,H,W) (upstream-compatible), optionally a 16-bit PNG depth sequence (the png16 encoding of
-``daemon.wire.encoding``: inverse depth quantised, 0 = invalid, scale/offset in the PNG's tEXt chunks) and a
-colourised disparity preview (PNG montage or MP4). ``--out OUT.mcap`` writes the daemon's MCAP channels instead
-of the npz (daemon/stages/publish_mcap.py); ``--format ply`` writes one binary PLY per frame
+the real sidecar process -> GeometryCrafter (offline semantics) -> ``OUT.npz`` with ``point_map`` float16
+(T,H,W,3) and ``mask`` bool (T,H,W) (upstream-compatible), optionally a 16-bit PNG depth sequence (the png16
+encoding of ``daemon.wire.encoding``: inverse depth quantised, 0 = invalid, scale/offset in the PNG's tEXt
+chunks) and a colourised disparity preview (PNG montage or MP4). ``--out OUT.mcap`` writes the daemon's MCAP
+channels instead of the npz (daemon/stages/publish_mcap.py); ``--format ply`` writes one binary PLY per frame
 (daemon.offline.ply). Exit codes: 0 ok, 2 bad arguments/inputs, 1 failure.
 """
 
@@ -32,18 +32,22 @@ def add_processing_options(p: argparse.ArgumentParser) -> None:
                    help=f"UNet variant (default {D.variant})")
     p.add_argument("--height", type=int, default=D.height,
                    help="processing height, multiple of 64 (default: source)")
-    p.add_argument("--width", type=int, default=D.width, help="processing width, multiple of 64 (default: source)")
+    p.add_argument("--width", type=int, default=D.width,
+                   help="processing width, multiple of 64 (default: source)")
     p.add_argument("--downsample-ratio", type=float, default=D.downsample_ratio,
-                   help="> 1: shrink frames by this factor (bicubic, antialiased) before everything, upsample "
-                        "the result back (bilinear) as run.py does (default %(default)s)")
+                   help="> 1: shrink frames by this factor (bicubic, antialiased) before everything, "
+                        "upsample the result back (bilinear) as run.py does (default %(default)s)")
     p.add_argument("--window-size", "--window", dest="window", type=int, default=D.window,
                    help="window size in frames (default %(default)s)")
-    p.add_argument("--overlap", type=int, default=D.overlap, help="window overlap in frames (default %(default)s)")
+    p.add_argument("--overlap", type=int, default=D.overlap,
+                   help="window overlap in frames (default %(default)s)")
     p.add_argument("--num-inference-steps", "--steps", dest="steps", type=int, default=D.steps,
                    help="denoising steps, diff variant (default %(default)s)")
     p.add_argument("--guidance-scale", type=float, default=D.guidance_scale,
-                   help="classifier-free guidance, diff variant; > 1 doubles the UNet calls (default %(default)s)")
-    p.add_argument("--decode-chunk-size", "--decode-chunk", dest="decode_chunk", type=int, default=D.decode_chunk,
+                   help="classifier-free guidance, diff variant; > 1 doubles the UNet calls "
+                        "(default %(default)s)")
+    p.add_argument("--decode-chunk-size", "--decode-chunk", dest="decode_chunk", type=int,
+                   default=D.decode_chunk,
                    help="frames per encoder/decoder call (default %(default)s)")
     p.add_argument("--process-stride", "--stride", dest="stride", type=int, default=D.stride,
                    help="use every N-th frame (default %(default)s)")
@@ -54,15 +58,18 @@ def add_processing_options(p: argparse.ArgumentParser) -> None:
                    help="points from one focal and the depth (default on)")
     p.add_argument("--force-fixed-focal", action=argparse.BooleanOptionalAction, default=D.force_fixed_focal,
                    help="with --force-projection: one focal for the clip, else per frame (default on)")
-    p.add_argument("--use-extract-interp", action=argparse.BooleanOptionalAction, default=D.use_extract_interp,
+    p.add_argument("--use-extract-interp", action=argparse.BooleanOptionalAction,
+                   default=D.use_extract_interp,
                    help="nearest-exact instead of bilinear upsampling of depth and mask (default off)")
-    p.add_argument("--low-memory-usage", "--low-memory", dest="low_memory", action="store_true", default=D.low_memory,
+    p.add_argument("--low-memory-usage", "--low-memory", dest="low_memory", action="store_true",
+                   default=D.low_memory,
                    help="keep big tensors on the host, free device memory")
     p.add_argument("--dtype", choices=("auto", "fp16", "fp32"), default=D.dtype,
                    help="network precision: fp16 = official policy; auto = fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=D.device,
                    help="device of the MoGe prior")
-    p.add_argument("--prior-python", default=D.prior_python, help="interpreter for the MoGe sidecar (default: this one)")
+    p.add_argument("--prior-python", default=D.prior_python,
+                   help="interpreter for the MoGe sidecar (default: this one)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -114,7 +121,8 @@ def _intrinsics(text: str) -> tuple[float, ...]:
 
 
 def _output_paths(args: argparse.Namespace) -> None:
-    """args.out (the .npz or None) and args.ply_dir (the PLY folder or None) from --out/--save-folder/--format."""
+    """args.out (the .npz or None) and args.ply_dir (the PLY folder or None) from
+    --out/--save-folder/--format."""
     args.ply_dir = None
     if "ply" in args.formats:
         folder = args.out if args.out is not None else args.save_folder
@@ -139,7 +147,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--preview must end in .png or .mp4, got {args.preview}")
     _output_paths(args)
     if args.intrinsics is not None and not args.force_projection:
-        raise UsageError("--intrinsics replace the focal of the projection step: they need --force-projection")
+        raise UsageError("--intrinsics replace the focal of the projection step: "
+                         "they need --force-projection")
 
     need = {f"unet_{args.variant}", "point_map_vae", "vae", "image_encoder", "feature_extractor", "scheduler",
             "moge"}

@@ -21,7 +21,8 @@ from daemon.model.streaming_stats import PolicyParams
 
 def window_factor(prior_depth: np.ndarray, depth: np.ndarray, valid: np.ndarray) -> float | None:
     """Median of prior_depth / depth over ``valid`` pixels where both are positive and finite (None: none)."""
-    ok = np.asarray(valid, bool) & np.isfinite(prior_depth) & (prior_depth > 0) & np.isfinite(depth) & (depth > 0)
+    ok = (np.asarray(valid, bool) & np.isfinite(prior_depth) & (prior_depth > 0)
+          & np.isfinite(depth) & (depth > 0))
     if not ok.any():
         return None
     ratio = prior_depth[ok].astype(np.float64) / depth[ok].astype(np.float64)

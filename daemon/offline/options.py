@@ -44,20 +44,23 @@ class ProcessOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ProcessOptions:
-        """The fields present in ``args`` (argparse dests use the field names); the rest keep their defaults."""
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+        """The fields present in ``args`` (argparse dests use the field names); the rest keep their
+        defaults."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                  if hasattr(args, f.name)}
         values["model_dir"] = str(values.get("model_dir", ""))
         return cls(**values)
 
     def check(self) -> None:
         """Raise :class:`UsageError` naming the first bad value (flag names of `geometryd process`)."""
-        flags = {"window": "--window-size", "decode_chunk": "--decode-chunk-size", "stride": "--process-stride",
-                 "steps": "--num-inference-steps"}
+        flags = {"window": "--window-size", "decode_chunk": "--decode-chunk-size",
+                 "stride": "--process-stride", "steps": "--num-inference-steps"}
         for name, flag in flags.items():
             if getattr(self, name) < 1:
                 raise UsageError(f"{flag} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.overlap < self.window:
-            raise UsageError(f"--overlap must be in [0, --window-size) = [0, {self.window}), got {self.overlap}")
+            raise UsageError(f"--overlap must be in [0, --window-size) = [0, {self.window}), "
+                             f"got {self.overlap}")
         if self.max_frames == 0 or self.max_frames < -1:
             raise UsageError(f"--process-length must be -1 (all) or >= 1, got {self.max_frames}")
         if not math.isfinite(self.guidance_scale):

@@ -84,7 +84,8 @@ class NpzSink:
 
 
 class PngDepthSink:
-    """One ``depth_<i:06d>.png`` per frame: png16 of daemon.wire.encoding (inverse depth, tEXt scale/offset)."""
+    """One ``depth_<i:06d>.png`` per frame: png16 of daemon.wire.encoding (inverse depth, tEXt
+    scale/offset)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
@@ -177,7 +178,8 @@ class McapSink:
 
         assert self._file is not None
         n = len(chunk.mask)
-        rgb = self.colours.take(chunk.start, n) if self.colours is not None and self.cfg.colour else [None] * n
+        rgb = (self.colours.take(chunk.start, n) if self.colours is not None and self.cfg.colour
+               else [None] * n)
         for k in range(n):
             i = chunk.start + k
             intr = tuple(float(v) for v in chunk.intrinsics[k])

@@ -45,7 +45,8 @@ def ply_vertices(points: np.ndarray, colours: np.ndarray, mask: np.ndarray) -> n
     return out
 
 
-def write_ply(path: Path, points: np.ndarray, colours: np.ndarray, mask: np.ndarray, comment: str = "") -> int:
+def write_ply(path: Path, points: np.ndarray, colours: np.ndarray, mask: np.ndarray,
+              comment: str = "") -> int:
     """Write one frame's valid points to ``path``; returns the vertex count."""
     vertices = ply_vertices(points, colours, mask)
     with open(path, "wb") as f:

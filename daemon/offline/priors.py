@@ -38,13 +38,14 @@ def prior_ring_slots(height: int, width: int, most: int = 16) -> int:
 
 
 class PriorClient:
-    """Blocking MoGe priors through one long-lived sidecar: :meth:`put` up to :meth:`batch` frames, :meth:`flush`."""
+    """Blocking MoGe priors through one long-lived sidecar: :meth:`put` up to :meth:`batch` frames,
+    :meth:`flush`."""
 
     def __init__(self, checkpoint: Path, *, device: str = "auto", python: str = "", chunk: int = 8,
                  request_timeout_s: float = 3600.0) -> None:
         self.checkpoint = Path(checkpoint)
-        self.settings = PriorConfig(checkpoint=str(checkpoint), python=python, device=prior_device(device), fp16=False,
-                                    resolution_level=9, request_timeout_s=request_timeout_s)
+        self.settings = PriorConfig(checkpoint=str(checkpoint), python=python, device=prior_device(device),
+                                    fp16=False, resolution_level=9, request_timeout_s=request_timeout_s)
         self.chunk = chunk
         self._sidecar: PriorSidecar | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -87,8 +88,9 @@ class PriorClient:
         return len(self._refs)
 
     def flush(self, on_frame: Callable[[int, np.ndarray, np.ndarray], None]) -> None:
-        """MoGe on the waiting frames (one request): ``on_frame(index, points (H,W,3) float32, mask (H,W) bool)``
-        per frame, in order, on views into the ring (valid only during the call: copy what must stay)."""
+        """MoGe on the waiting frames (one request): ``on_frame(index, points (H,W,3) float32, mask (H,W)
+        bool)`` per frame, in order, on views into the ring (valid only during the call: copy what must
+        stay)."""
         refs, self._refs = self._refs, []
         if not refs:
             return

@@ -145,7 +145,8 @@ class _Frames:
 class _ClipReader:
     """Stage 1 for one clip: frames in, prior batches out to the sidecar, encoder input kept."""
 
-    def __init__(self, opts: ProcessOptions, priors: PriorClient, expected: int, spill_dir: str | None) -> None:
+    def __init__(self, opts: ProcessOptions, priors: PriorClient, expected: int,
+                 spill_dir: str | None) -> None:
         self.opts, self.priors, self.spill_dir = opts, priors, spill_dir
         self.acc = StatsAccumulator()
         self.store = _Frames(expected)
@@ -210,7 +211,8 @@ class _ClipReader:
 
 def prepare_clip(video: Path, opts: ProcessOptions, priors: PriorClient, spill_dir: str | None = None,
                  stages: Any = None) -> PreparedClip:
-    """Stages 1-2 of the module docstring. Raises UsageError (one line) for a file that cannot be processed."""
+    """Stages 1-2 of the module docstring. Raises UsageError (one line) for a file that cannot be
+    processed."""
     stages = stages if stages is not None else _Stages(True)
     try:
         info = probe(video)
@@ -247,8 +249,8 @@ def _z_and_mask(frame: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.nd
 
 
 class BufferedMean:
-    """``np.mean(x, dtype=np.float64)`` of the concatenation of the float32 arrays given to :meth:`add`, to the
-    bit: numpy sums a cast reduction one buffer (``np.getbufsize()`` elements) at a time, pairwise inside
+    """``np.mean(x, dtype=np.float64)`` of the concatenation of the float32 arrays given to :meth:`add`, to
+    the bit: numpy sums a cast reduction one buffer (``np.getbufsize()`` elements) at a time, pairwise inside
     the buffer, and adds the buffer sums in order; the same blocks are summed here across calls."""
 
     def __init__(self) -> None:
@@ -307,7 +309,8 @@ def geometry_chunks(gc: GeometryCrafter, clip: PreparedClip, opts: ProcessOption
     gc.low_memory_usage = opts.low_memory
     latents = gc.offline_latents(clip.frames, clip.x4, clip.size, window_size=window, overlap=overlap,
                                  num_inference_steps=opts.steps, guidance_scale=opts.guidance_scale,
-                                 decode_chunk_size=opts.decode_chunk, noise=None, seed=opts.seed, stages=stages)
+                                 decode_chunk_size=opts.decode_chunk, noise=None, seed=opts.seed,
+                                 stages=stages)
     clip.frames = clip.x4 = np.empty(0)  # encoded: not needed any more
     dc = opts.decode_chunk
     with stages.stage("decode", t) as tick:

@@ -67,7 +67,8 @@ class BatchWorker:
         t0 = time.perf_counter()
         import_jittor()
         o = self.opts
-        self._gc = GeometryCrafter.from_pretrained(o.model_dir, variant=o.variant, dtype=network_dtype(o.dtype))
+        self._gc = GeometryCrafter.from_pretrained(o.model_dir, variant=o.variant,
+                                                   dtype=network_dtype(o.dtype))
         self._priors = PriorClient(Path(o.model_dir) / "moge" / "model.pt", device=o.device,
                                    python=o.prior_python, chunk=o.decode_chunk)
         self._priors.start()

@@ -30,10 +30,10 @@ flight at a time, serialised by ``GeometryWorker``'s lock; every request but "st
 
 A request that raises in the worker (a stale slot, an unknown op, a pipeline error) is answered by
 ``("error", "<op>: <ExceptionType>: <message>")``; the worker keeps serving, the daemon raises
-``GeometryError`` and counts the window's new frames as dropped (``geometry_error``). A request past its limit, or
-EOF on the pipe (the process died), is a fault (``GeometryTimeout``, ``GeometryWorkerDied``): the daemon
-kills the process and starts a new one (see :class:`GeometryWorker`). The worker ignores SIGINT/SIGTERM (the
-daemon coordinates shutdown) and dies with its parent (PR_SET_PDEATHSIG).
+``GeometryError`` and counts the window's new frames as dropped (``geometry_error``). A request past its
+limit, or EOF on the pipe (the process died), is a fault (``GeometryTimeout``, ``GeometryWorkerDied``): the
+daemon kills the process and starts a new one (see :class:`GeometryWorker`). The worker ignores SIGINT/SIGTERM
+(the daemon coordinates shutdown) and dies with its parent (PR_SET_PDEATHSIG).
 
 ``IdentityGeometry`` is a PLUMBING-ONLY processor (returns the prior as the result, optionally after a
 fixed delay): it is selectable only through the hidden ``run --plumbing-identity-delay`` option (the
@@ -155,7 +155,8 @@ class IdentityGeometry:
 @dataclass(frozen=True)
 class ProcessorSpec:
     """What the worker process builds (the real pipeline, or the plumbing-only identity), from the config
-    sections it needs; ``geometry`` also holds the worker's supervision keys (deadlines, heartbeat, budget)."""
+    sections it needs; ``geometry`` also holds the worker's supervision keys (deadlines, heartbeat,
+    budget)."""
 
     kind: str  # "pipeline" | "identity"
     model: ModelConfig

@@ -7,9 +7,9 @@ stay in the FrameRing (shared memory).
 Supervision: ready handshake with `startup_timeout_s`; a ping every `ping_interval_s` (a pong missing for
 `ping_timeout_s` = hung -> kill + restart); a request without an answer after `request_timeout_s` -> kill +
 restart; a crash (EOF on the socket) -> restart (the first at once, the next ones in a row after a
-jittered exponential wait, :class:`daemon.backoff.Backoff`, reset by an answered ping or request); in-flight requests are retried on
-the new process (up to `max_attempts` tries each), never dropped silently; at most `restart_budget`
-restarts per 60 s, then every request fails with PriorError until the budget window frees up.
+jittered exponential wait, :class:`daemon.backoff.Backoff`, reset by an answered ping or request); in-flight
+requests are retried on the new process (up to `max_attempts` tries each), never dropped silently; at most
+`restart_budget` restarts per 60 s, then every request fails with PriorError until the budget window frees up.
 """
 
 from __future__ import annotations
@@ -483,8 +483,8 @@ def run_priors(frames: np.ndarray, checkpoint: Path, device: str = "cpu", fp16: 
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be (T,H,W,3) uint8, got {frames.shape} {frames.dtype}")
-    settings = PriorConfig(checkpoint=str(checkpoint), python=python or "", device=prior_device(device), fp16=fp16,
-                           resolution_level=resolution_level, request_timeout_s=request_timeout_s)
+    settings = PriorConfig(checkpoint=str(checkpoint), python=python or "", device=prior_device(device),
+                           fp16=fp16, resolution_level=resolution_level, request_timeout_s=request_timeout_s)
     return asyncio.run(_run_priors(frames, settings, Path(checkpoint), chunk, n_slots, moge_version, threads))
 
 

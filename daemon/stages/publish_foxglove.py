@@ -1,10 +1,10 @@
-"""Live Foxglove view: foxglove-sdk's WebSocket server (subprotocol ``foxglove.sdk.v1``, the Foxglove WebSocket protocol) publishing the recording's
-channels (daemon/wire/foxglove.py) as frames are refined.
+"""Live Foxglove view: foxglove-sdk's WebSocket server (subprotocol ``foxglove.sdk.v1``, the Foxglove
+WebSocket protocol) publishing the recording's channels (daemon/wire/foxglove.py) as frames are refined.
 
 Every source's channels are advertised at start, so a client can subscribe before the first frame; a frame
 is encoded only while some client subscribes to one of its source's topics. A slow client loses its oldest
-messages (``foxglove.backlog`` per client, the SDK's policy); the frame itself still counts as out (a live view
-is best effort, the recording and MQTT are the sinks that account for frames).
+messages (``foxglove.backlog`` per client, the SDK's policy); the frame itself still counts as out (a live
+view is best effort, the recording and MQTT are the sinks that account for frames).
 
 The SDK's server has no authentication. With ``foxglove.token`` set, it listens on an ephemeral loopback port
 and :class:`TokenGate` (aiohttp) listens on ``bind:port``: it accepts a WebSocket upgrade only with the token
@@ -121,7 +121,8 @@ class FoxgloveLive:
             self.metrics.foxglove_subscriptions.set(self.subs.total())
         return self.subs.any(self._topics.get(source, []))
 
-    def write_frame(self, source: str, result: Any, pts: float, image: Any = None, jpeg: bytes | None = None) -> bool:
+    def write_frame(self, source: str, result: Any, pts: float, image: Any = None,
+                    jpeg: bytes | None = None) -> bool:
         """Publish one frame if anyone watches its source (True when it was sent). Blocks on encoding:
         call it from a worker thread in async code."""
         if not self.watched(source):

@@ -1,12 +1,13 @@
-"""MCAP recording sink: ``<dir>/<source>/<start time>.mcap`` per source, Foxglove schemas (daemon/wire/foxglove.py).
+"""MCAP recording sink: ``<dir>/<source>/<start time>.mcap`` per source, Foxglove schemas
+(daemon/wire/foxglove.py).
 
 Each frame's messages (depth, colour, points, calibration, transform; log time = publish time = pts in ns) go
 into ONE chunk that is compressed and written to the file as soon as the frame is complete (``Writer.flush``),
 so a process killed mid-recording leaves a file that a streaming MCAP reader reads up to its last whole frame;
-only the summary (indexes, statistics) at the end is missing, and it is written at ``close``. A new file starts
-when the current one reaches ``rotate_mb`` MiB or spans ``rotate_s`` seconds of pts. File names are the UTC
-wall time the file was opened, ``YYYYmmddTHHMMSS.ffffffZ.mcap``. ``write_frame`` blocks on compression and disk
-I/O: call it from a worker thread in async code.
+only the summary (indexes, statistics) at the end is missing, and it is written at ``close``. A new file
+starts when the current one reaches ``rotate_mb`` MiB or spans ``rotate_s`` seconds of pts. File names are the
+UTC wall time the file was opened, ``YYYYmmddTHHMMSS.ffffffZ.mcap``. ``write_frame`` blocks on compression and
+disk I/O: call it from a worker thread in async code.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 One aiomqtt client per daemon, run by a background task with the documented aiomqtt reconnect loop
 (exponential backoff with jitter, :class:`daemon.backoff.Backoff`). ``publish_frame`` encodes in a worker
 thread and only enqueues: it never waits for the broker and never raises on broker loss. Data messages go
-through a bounded outbox (``asyncio.Queue``, ``outbox_size``): when it is full the OLDEST message is dropped. Retained messages (status, intrinsics) are
-coalesced per topic (latest wins) and re-sent after every (re)connect, so a restarted broker without
-persistence gets them back.
+through a bounded outbox (``asyncio.Queue``, ``outbox_size``): when it is full the OLDEST message is dropped.
+Retained messages (status, intrinsics) are coalesced per topic (latest wins) and re-sent after every
+(re)connect, so a restarted broker without persistence gets them back.
 
 Per-frame outcome: ``publish_frame(..., on_done=cb)`` calls ``cb(ok, reason)`` once all messages of the frame
 are published or dropped (for the daemon's frame accounting); ``flush(timeout)`` waits until all is sent.

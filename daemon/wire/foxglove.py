@@ -1,4 +1,5 @@
-"""One output frame -> Foxglove well-known messages (protobuf), shared by the MCAP recorder and the live server.
+"""One output frame -> Foxglove well-known messages (protobuf), shared by the MCAP recorder and the live
+server.
 
 Topics per source ``<s>`` (frame_id ``<s>/camera``: the camera's optical frame, x right, y down, z forward):
 
@@ -90,7 +91,8 @@ def depth_image(result: Any, frame_id: str, ts: Timestamp) -> RawImage:
                     data=data.tobytes())
 
 
-def point_cloud(result: Any, stride: int, frame_id: str, ts: Timestamp, image: np.ndarray | None) -> PointCloud:
+def point_cloud(result: Any, stride: int, frame_id: str, ts: Timestamp,
+                image: np.ndarray | None) -> PointCloud:
     pm = np.asarray(result.point_map, np.float32)[::stride, ::stride]
     valid = np.asarray(result.mask, bool)[::stride, ::stride] & np.isfinite(pm).all(-1)
     xyz = pm[valid].astype("<f4")  # (N, 3)
@@ -129,8 +131,8 @@ def frame_messages(source: str, result: Any, pts: float, *, stride: int = 1, ima
                    jpeg: bytes | None = None) -> tuple[int, list[Message]]:
     """Every message of one ``FrameResult`` (duck-typed): (log time ns, messages in ``topics`` order).
     ``image`` (H, W, 3) uint8 RGB of the output size colours the points and, with ``jpeg`` (its encoding,
-    made from ``image`` when not given; ``jpeg`` alone is decoded for the points) fills ``/<s>/color``; without
-    either there is no colour topic."""
+    made from ``image`` when not given; ``jpeg`` alone is decoded for the points) fills ``/<s>/color``;
+    without either there is no colour topic."""
     if stride < 1:
         raise ValueError(f"point stride must be >= 1, got {stride}")
     ns, ts = stamp(pts)
@@ -138,7 +140,8 @@ def frame_messages(source: str, result: Any, pts: float, *, stride: int = 1, ima
     if image is None and jpeg is not None:
         image = decode_jpeg(jpeg)
     if image is not None and np.asarray(image).shape[:2] != np.asarray(result.depth).shape:
-        image = cv2.resize(np.asarray(image), np.asarray(result.depth).shape[::-1], interpolation=cv2.INTER_AREA)
+        image = cv2.resize(np.asarray(image), np.asarray(result.depth).shape[::-1],
+                           interpolation=cv2.INTER_AREA)
         jpeg = None
     out = [Message(f"/{source}/depth", depth_image(result, fid, ts), RawImage)]
     if image is not None:
