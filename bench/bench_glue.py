@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from daemon import pipeline as P  # noqa: E402
-from daemon import resample  # noqa: E402
+from daemon.model import resample  # noqa: E402
 from daemon.model.scheduler import make_schedule  # noqa: E402
 from daemon.model.prior_post import Q_HI, Q_LO, compute_stats, prior_to_x4  # noqa: E402
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy
 import pytest
 
-from daemon import doctor, jittor_env, jittor_patches
+from daemon import jittor_env, jittor_patches
+from daemon.commands import doctor
 from daemon.model.conv_cpu import dnnl_paths
 
 ROOT = Path(__file__).resolve().parent.parent
