@@ -57,9 +57,9 @@ def prepare(plan: common.Plan, model_dir: Path, work: Path) -> dict[str, Any]:
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from daemon.weights.tiny import PREPROCESSOR_CONFIG, SCHEDULER_CONFIG
     from daemon.weights.configs import UNET_IN_CHANNELS
-    from tests.torch_ref_pmap_vae import TorchPointMapVae
+    from daemon.weights.tiny import PREPROCESSOR_CONFIG, SCHEDULER_CONFIG
+    from reference.point_map_vae import TorchPointMapVae
 
     dev, net_dt = plan.device, _torch_dtype(plan.dtype)
     t_all = time.perf_counter()
@@ -116,7 +116,7 @@ class Nets:
         from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
         from transformers import CLIPVisionModelWithProjection
 
-        from tests.pipeline_fixtures import load_torch_point_map_vae
+        from reference.point_map_vae import load_torch_point_map_vae
 
         dev, dt = plan.device, _torch_dtype(plan.dtype)
         t0 = time.perf_counter()
@@ -133,7 +133,7 @@ class Nets:
         self.load_s = round(time.perf_counter() - t0, 2)
 
     def unet(self, variant: str, sample: Any, timestep: float, emb: Any, ids: Any) -> Any:
-        from tests.torch_ref_pipeline import vid2vid_unet_forward
+        from reference.pipeline import vid2vid_unet_forward
 
         return vid2vid_unet_forward(self.unets[variant], sample, timestep, emb, ids)
 
