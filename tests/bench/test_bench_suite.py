@@ -16,6 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [
+    pytest.mark.e2e,
     pytest.mark.skipif(shutil.which("mosquitto") is None and not os.path.exists("/usr/sbin/mosquitto"),
                        reason="mosquitto not installed"),
     pytest.mark.slow,

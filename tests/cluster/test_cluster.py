@@ -26,7 +26,8 @@ from helpers.run_daemon import (
     write_config,
 )
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1800)]  # minutes of start-up when loaded
+# minutes of start-up when loaded
+pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 N_FRAMES = 30
 TIMEOUT = 900  # per wait; a loaded 2-core box needs minutes for the daemons to start

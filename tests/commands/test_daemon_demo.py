@@ -14,6 +14,8 @@ from helpers.run_daemon import (
     tiny_model,  # noqa: F401 (fixture)
 )
 
+pytestmark = pytest.mark.e2e
+
 
 def test_demo_runs_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     proc = subprocess.run(

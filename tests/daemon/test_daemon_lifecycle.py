@@ -13,6 +13,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from helpers import procs
 from helpers.clips import make_clip
 from helpers.run_daemon import (  # noqa: F401 (fixture)
@@ -23,6 +25,8 @@ from helpers.run_daemon import (  # noqa: F401 (fixture)
     tiny_model,
     write_config,
 )
+
+pytestmark = pytest.mark.e2e
 
 
 def test_shm_too_small_is_refused_with_sizes_and_a_traceback(tiny_model: Path, tmp_path: Path,

@@ -23,6 +23,8 @@ from helpers.run_daemon import (  # noqa: F401 (fixture)
     write_config,
 )
 
+pytestmark = pytest.mark.e2e
+
 N = 24
 
 

@@ -36,7 +36,8 @@ def _gst_available() -> bool:
         return False
 
 
-pytestmark = pytest.mark.skipif(not _gst_available(), reason="GStreamer RTSP server (python3-gi) not installed")
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(not _gst_available(), reason="GStreamer RTSP server (python3-gi) not installed")]
 
 
 def _start_server(port: int = 0) -> tuple[subprocess.Popen[str], str]:

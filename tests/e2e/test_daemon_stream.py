@@ -30,6 +30,8 @@ from helpers.run_daemon import (  # noqa: F401 (fixture)
     write_config,
 )
 
+pytestmark = pytest.mark.e2e
+
 START_TIMEOUT = 600  # first run compiles Jittor kernels
 
 

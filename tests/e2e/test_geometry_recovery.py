@@ -36,6 +36,8 @@ from helpers.run_daemon import (  # noqa: F401 (fixture)
     write_config,
 )
 
+pytestmark = pytest.mark.e2e
+
 START_TIMEOUT = 900
 # window 4, overlap 1: stride 3; 4 + 3 * 5 = 19 frames = 6 windows, no short last window
 GEOMETRY = {"window_size": 4, "overlap": 1, "decode_chunk_size": 2, "deadline_factor": 1.0,

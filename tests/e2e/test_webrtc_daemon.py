@@ -45,6 +45,8 @@ from helpers.run_daemon import (
 )
 from helpers.whip import TOKEN, WhipClient, request
 
+pytestmark = pytest.mark.e2e
+
 START_TIMEOUT = 600  # first run compiles Jittor kernels
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
