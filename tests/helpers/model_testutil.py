@@ -9,7 +9,7 @@ import numpy as np
 
 
 def keys_dir() -> Path:
-    """The key manifests shipped in the package (tests/test_weights.py checks they equal the spec's copies)."""
+    """The key manifests shipped in the package (tests/weights/test_weights.py checks they equal the spec's copies)."""
     from daemon.weights.manifest import MANIFEST_DIR
 
     return MANIFEST_DIR

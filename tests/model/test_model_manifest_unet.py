@@ -18,7 +18,7 @@ import pytest
 
 from daemon.weights.configs import OFFICIAL_UNET
 from daemon.weights.manifest import (
-    MANIFEST_DIR as KEYS_DIR,  # equal to the spec's copies (tests/test_weights.py)
+    MANIFEST_DIR as KEYS_DIR,  # equal to the spec's copies (tests/weights/test_weights.py)
 )
 
 PARAMS = {12: 1_524_634_602, 8: 1_524_623_082}

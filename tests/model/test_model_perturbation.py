@@ -1,5 +1,5 @@
 """The network tolerances can catch a misreading: perturbing one constant of the torch reference UNet moves
-its output far more than the Jittor-vs-torch tolerance (tests/test_model_unet.py ``FP32_TOL``, ~3x the
+its output far more than the Jittor-vs-torch tolerance (tests/model/test_model_unet.py ``FP32_TOL``, ~3x the
 measured error), so the parity tests would fail on such a change.
 
 - GroupNorm eps 1e-6 <-> 1e-5 in every GroupNorm (the diffusers UNet uses 1e-5 for resnets, 1e-6 for the

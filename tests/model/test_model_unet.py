@@ -6,7 +6,7 @@ ones/zeros/0.5) are written with ``save_pretrained`` and read back through the p
 (a) identical per-frame embeddings == diffusers' own forward with a (B,1,D) context;
 (b) distinct per-frame embeddings == a torch harness that runs the reference model's submodules in the
     order of spec 2.1 with the context flattened to (B*F,1,D) (B=2 also checks repeat-interleave order).
-Tolerance fp32: max|a-b| / max|b| <= 6e-6 (measured 1.5e-6 - 2.1e-6; tests/test_model_perturbation.py shows a
+Tolerance fp32: max|a-b| / max|b| <= 6e-6 (measured 1.5e-6 - 2.1e-6; tests/model/test_model_perturbation.py shows a
 GroupNorm eps swap moves the output by 4.4e-5, 7.6e-4 at small activations).
 """
 

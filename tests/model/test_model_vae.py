@@ -2,7 +2,7 @@
 
 SVD VAE: diffusers ``AutoencoderKLTemporalDecoder(**TINY_SVD_VAE)`` saved with ``save_pretrained``
 (fp16 variant file, as on the hub), loaded through the production loader; reference = ``encode().mode()``.
-Point-map VAE: test-side torch reference (tests/torch_ref_pmap_vae.py) built per spec 2.2 at
+Point-map VAE: test-side torch reference (reference/point_map_vae.py) built per spec 2.2 at
 TINY_POINT_MAP_VAE, saved in the official layout, loaded with ``load_point_map_vae``.
 Tolerance fp32: max|a-b|/max|b| <= 1.3e-5 (~3x the worst measured: SVD encoder 3.2e-6, point-map encoder
 2.8e-6, decoder heads 4.4e-6 / 3.3e-6 / 3.3e-6). fp16 (Jittor fp16 weights and activations vs

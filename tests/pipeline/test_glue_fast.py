@@ -1,5 +1,5 @@
 """The fast host glue (banded resizes, frame-by-frame prior post-processing, fused decode post-processing)
-against the literal 0.1.0 code (tests/glue_reference.py: whole-array formulas, dense-matrix resizes).
+against the literal 0.1.0 code (reference/glue.py: whole-array formulas, dense-matrix resizes).
 
 Bit-exact where the float32 operations are the same ones: bilinear and nearest-exact resizes, prior
 post-processing, prior statistics, decode post-processing, points, the fp16 2v - 1. The bicubic resizes

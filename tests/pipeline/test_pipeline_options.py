@@ -1,9 +1,9 @@
-"""End-to-end options of the offline pipeline vs the torch reference (tests/torch_ref_pipeline.py, which follows
+"""End-to-end options of the offline pipeline vs the torch reference (reference/pipeline.py, which follows
 upstream's diff_ppl.py / determ_ppl.py): fractional stitch weights (overlap 3 and 4), classifier-free
 guidance > 1, force_projection=False, force_fixed_focal=False, use_extract_interp=True, and the NaN window a
 degenerate prior makes offline (upstream has no guard) next to ``nan_guard``.
 
-Sizes as in tests/test_pipeline_parity.py (72x100 frames processed at 64x128: both resizes run), everything
+Sizes as in tests/pipeline/test_pipeline_parity.py (72x100 frames processed at 64x128: both resizes run), everything
 fp32, few frames and 1-2 steps because Jittor's CPU convolutions dominate. Measured errors: docs/parity.md.
 """
 

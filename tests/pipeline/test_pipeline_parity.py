@@ -1,5 +1,5 @@
 """End-to-end parity: the Jittor pipeline (GeometryCrafter.from_pretrained on a make-tiny folder, production
-loaders) vs the torch reference pipeline (tests/torch_ref_pipeline.py: diffusers/transformers networks and the
+loaders) vs the torch reference pipeline (reference/pipeline.py: diffusers/transformers networks and the
 torch point-map VAE reference) on the same weights, injected noise and priors, everything fp32.
 
 Setup: 7 frames 72x100 processed at 64x128 (so both resizes run), window 3 / overlap 1 (3 windows),

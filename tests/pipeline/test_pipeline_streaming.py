@@ -1,6 +1,6 @@
 """StreamingSession vs offline GeometryCrafter.__call__ on the same networks and noise (docs/streaming.md).
 
-The networks are the torch reference networks behind the daemon.model interface (tests/pipeline_fixtures.py):
+The networks are the torch reference networks behind the daemon.model interface (tests/helpers/pipeline_fixtures.py):
 the streaming logic is host-side glue, identical whatever runs the networks.
 
 Where streaming must equal offline exactly (asserted with array_equal):

@@ -1,5 +1,5 @@
 """Viewer: message encoding (daemon/viewer/hub.py), websocket fan-out and the routes/auth of the pages,
-in-process against the daemon's real HTTP app. The browser side is in tests/test_webrtc_daemon.py."""
+in-process against the daemon's real HTTP app. The browser side is in tests/e2e/test_webrtc_daemon.py."""
 
 from __future__ import annotations
 
