@@ -207,11 +207,11 @@ class Mosquitto:
         await asyncio.to_thread(self.stop)
 
 
-def start_broker(workdir: Path) -> Mosquitto | None:
+def start_broker(workdir: Path, executable: str | None = None) -> Mosquitto | None:
     """A started anonymous broker on a free port, or None when mosquitto is missing or does not start (the
     caller then falls back, e.g. to the file sink)."""
     try:
-        broker = Mosquitto(workdir)
+        broker = Mosquitto(workdir, executable=executable)
         broker.start()
     except BrokerError:
         return None

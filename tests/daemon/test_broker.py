@@ -1,13 +1,15 @@
-"""The mosquitto fixture itself: serves MQTT v5, restarts on the same port, honours max_packet_size."""
+"""The broker launcher (daemon/broker.py) and its fixture: serves MQTT v5, restarts on the same port, honours
+max_packet_size."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import aiomqtt
 
-from daemon.broker import Mosquitto
+from daemon.broker import Mosquitto, free_port, start_broker
 from helpers.mosquitto import mosquitto  # noqa: F401 (fixture)
 
 
@@ -53,3 +55,16 @@ def test_max_packet_size_disconnects_oversize(tmp_path: Path) -> None:
 
     with Mosquitto(tmp_path, max_packet_size=2048) as broker:
         asyncio.run(scenario(broker))
+
+
+
+def test_free_port_is_bindable_and_start_broker_falls_back(tmp_path: Path) -> None:
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # free right now
+    broker = start_broker(tmp_path / "ok")
+    assert broker is not None and broker.running
+    broker.stop()
+    assert not broker.running
+    # a broker that exits at once (here: an executable that is not mosquitto) means "no broker", not a crash
+    assert start_broker(tmp_path / "bad", executable="/bin/false") is None
