@@ -124,7 +124,7 @@ def test_live_overload_skip_then_sigterm_mid_window(tiny_model: Path, tmp_path: 
         d.terminate(signal.SIGTERM)
         rc = d.wait(300)
         assert rc == 0, d.log_text()[-4000:]
-        assert notify.procs.wait_for("STOPPING=1", 2)
+        assert notify.wait_for("STOPPING=1", 2)
     finally:
         notify.close()
     assert notify.messages.index("READY=1") < notify.messages.index("STOPPING=1")

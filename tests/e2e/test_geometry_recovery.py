@@ -176,7 +176,7 @@ def test_worker_stopped_beyond_budget_stops_watchdog_and_exits_1(tiny_model: Pat
         deadline = procs.health(http_port)["geometry_deadline_s"]
         pid = procs.worker_pid(d.proc.pid)
         assert pid is not None
-        assert notify.procs.wait_for("WATCHDOG=1", 10)
+        assert notify.wait_for("WATCHDOG=1", 10)
         t_stop = time.monotonic()
         os.kill(pid, signal.SIGSTOP)
         rc = d.wait(deadline + 120)
