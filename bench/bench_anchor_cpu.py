@@ -1,9 +1,8 @@
 """The CPU anchor (issue 19): geometryd's pipeline vs the torch reference pipeline, per stage, same run.
 
 Both sides get the same tiny random weights in the official layout (``daemon.weights.tiny.make_tiny``, MoGe
-left
-out), the same frames and priors (``tests.pipeline_fixtures.synthetic_clip``), the same injected noise, fp32.
-The torch side is ``tests/torch_ref_pipeline.TorchRefPipeline`` (diffusers/transformers networks + the torch
+left out), the same frames and priors (``daemon.scenes.tilted_plane``), the same injected noise, fp32.
+The torch side is ``reference.pipeline.TorchRefPipeline`` (diffusers/transformers networks + the torch
 point-map VAE reference); its stages are cut at the same boundaries as geometryd's ``GeometryOutput.timings``
 (see :class:`TorchSide`): encode (resizes, CLIP, both VAE encoders), denoise (UNet, scheduler, stitching),
 decode (point-map decoder). "total" is the wall time of one whole call on either side (prior/post included).
@@ -90,8 +89,8 @@ class TorchSide:
     (UNet, scheduler, stitching); decode = the point-map decoder calls."""
 
     def __init__(self, model_dir: Path, variant: str) -> None:
-        import tests.torch_ref_pipeline as ref_mod
-        from tests.pipeline_fixtures import load_torch_point_map_vae
+        import reference.pipeline as ref_mod
+        from reference.point_map_vae import load_torch_point_map_vae
 
         self.pmap = load_torch_point_map_vae(model_dir / "point_map_vae")
         self.ref = ref_mod.TorchRefPipeline(model_dir, variant, self.pmap)
@@ -138,9 +137,9 @@ class GeometrydSide:
 
 
 def make_inputs(cfg: AnchorConfig) -> dict[str, np.ndarray]:
-    from tests.pipeline_fixtures import synthetic_clip
+    from daemon.scenes import tilted_plane
 
-    frames, points, mask = synthetic_clip(cfg.frames, cfg.in_height, cfg.in_width, seed=21)
+    frames, points, mask = tilted_plane(cfg.frames, cfg.in_height, cfg.in_width, seed=21)
     shape = (1, cfg.window_size, 4, cfg.height // 8, cfg.width // 8)
     noise = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
     return {"frames": frames, "points": points, "mask": mask, "noise": noise}

@@ -107,7 +107,7 @@ register(Case(
 
 
 # --------------------------------------------------------------------------------------------------
-# point-map VAE (torch reference from tests/torch_ref_pmap_vae.py)
+# point-map VAE (torch reference from reference/point_map_vae.py)
 
 _PMAP_FRAMES = 4
 
@@ -118,7 +118,7 @@ def _pmap_torch(part: str) -> Callable[[], tuple[Run, Callable[[Path], None]]]:
         from safetensors.torch import save_file
 
         from daemon.weights.configs import TINY_POINT_MAP_VAE
-        from tests.torch_ref_pmap_vae import TorchPointMapVae
+        from reference.point_map_vae import TorchPointMapVae
 
         torch.manual_seed(1)
         m = TorchPointMapVae(TINY_POINT_MAP_VAE).eval()

@@ -3,7 +3,7 @@ the three figures that compare the streaming statistics policies on it (docs/str
 
 The priors are the exact point maps of the scene (no network involved), so the figures measure the policy
 alone. Run ``python -m bench.drift_clip`` to print them and write bench/results/drift_clip.json; the test
-(tests/test_streaming_stats.py) asserts that ``follow`` beats ``frozen`` on all three.
+(tests/pipeline/test_streaming_stats.py) asserts that ``follow`` beats ``frozen`` on all three.
 
 Scene: a pinhole camera over a floor that rises from a horizon at depth 4 to the bottom row at depth
 ``near(t)``, which shrinks from 1.2 to 0.4 over the clip (far/near range 3.3 -> 10, i.e. 3x), with moving

@@ -36,7 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from daemon.config import write_config  # noqa: E402  (after the path fix for script use)
+from daemon.broker import start_broker  # noqa: E402  (after the path fix for script use)
+from daemon.config import write_config  # noqa: E402
+from daemon.scenes import floor_wall_clip  # noqa: E402
 
 MODES = ("pipeline", "plumbing")
 
@@ -181,14 +183,12 @@ def _log_times(stderr: str) -> dict[str, float]:
 def run_mode(label: str, p: E2EParams, work: Path, model_dir: Path, clip: Path) -> dict[str, Any]:
     """Run ``geometryd run --exit-when-done`` once; ``label`` is ``<mode>`` or ``<mode>-<tag>`` (e.g.
     ``plumbing-realtime``) with mode in :data:`MODES`. Returns the measured record."""
-    from daemon.commands.demo import start_mosquitto
-
     mode = label.split("-", 1)[0]
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {label!r}")
-    broker = start_mosquitto(work)
+    broker = start_broker(work)
     cfg = work / f"{label}.toml"
-    write_config(cfg, config_tables(model_dir, clip, p, broker[1] if broker else None))
+    write_config(cfg, config_tables(model_dir, clip, p, broker.port if broker else None))
     summary = work / f"{label}-summary.json"
     summary.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "daemon", "run", "--config", str(cfg), "--exit-when-done", "--summary",
@@ -215,8 +215,7 @@ def run_mode(label: str, p: E2EParams, work: Path, model_dir: Path, clip: Path) 
     finally:
         peak = sampler.stop()
         if broker:
-            broker[0].terminate()
-            broker[0].wait(10)
+            broker.stop(10)
     t_end = time.time()
     (work / f"{label}.log").write_text(stderr)  # the daemon's JSON log, for inspection
     rec: dict[str, Any] = {"mode": label, "realtime": p.realtime,
@@ -248,8 +247,6 @@ def run_mode(label: str, p: E2EParams, work: Path, model_dir: Path, clip: Path) 
 def run_e2e(plan: dict[str, E2EParams], work: Path, model_dir: Path | None = None) -> list[dict[str, Any]]:
     """Generate the clips (and the tiny model unless given), then run each mode with its own parameters
     (the plumbing run is cheap and gets more frames than the CPU pipeline run)."""
-    from daemon.commands.demo import synthetic_clip
-
     work.mkdir(parents=True, exist_ok=True)
     if model_dir is None:
         from daemon.weights.tiny import make_tiny
@@ -260,7 +257,7 @@ def run_e2e(plan: dict[str, E2EParams], work: Path, model_dir: Path | None = Non
         clip = work / f"clip-{p.frames}-{p.height}x{p.width}.mp4"
         if not clip.exists():
             tmp = clip.with_suffix(".tmp.mp4")
-            synthetic_clip(tmp, p.frames, p.height, p.width)
+            floor_wall_clip(tmp, p.frames, p.height, p.width)
             tmp.rename(clip)
         rec = run_mode(mode, p, work, Path(model_dir).resolve(), clip)
         rec["params"] = {**asdict(p), "decode_chunk_size": p.decode_chunk_size}

@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from daemon.commands.demo import start_mosquitto, synthetic_clip
+from daemon.broker import start_broker
 from daemon.config import write_config
+from daemon.scenes import floor_wall_clip
 from daemon.wire.encoding import decode_depth
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,11 +113,11 @@ def _config(model: Path, clip: Path, port: int | None, window: int, overlap: int
 def run_profile(work: Path, model: Path, clip: Path, window: int, overlap: int, steps: int,
                 realtime: bool = True) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
-    broker = start_mosquitto(work)
-    collector = DepthCollector(broker[1]) if broker else None
+    broker = start_broker(work)
+    collector = DepthCollector(broker.port) if broker else None
     try:
         cfg = work / "config.toml"
-        write_config(cfg, _config(model, clip, broker[1] if broker else None, window, overlap, steps,
+        write_config(cfg, _config(model, clip, broker.port if broker else None, window, overlap, steps,
                                   realtime))
         summary = work / "summary.json"
         t0 = time.monotonic()
@@ -131,8 +132,7 @@ def run_profile(work: Path, model: Path, clip: Path, window: int, overlap: int, 
         if collector is not None:
             collector.close()
         if broker is not None:
-            broker[0].terminate()
-            broker[0].wait(10)
+            broker.stop(10)
     if rc != 0:
         raise RuntimeError(f"daemon failed ({rc}); log: {work / 'daemon.log'}")
     src = json.loads(summary.read_text())["sources"]["cam"]
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     make_tiny(model, 0)
     clip = work / f"clip_{args.frames}_{args.fps}.mp4"
     if not clip.exists():
-        synthetic_clip(clip, args.frames, 128, 256, fps=args.fps)
+        floor_wall_clip(clip, args.frames, 128, 256, fps=args.fps)
     out: dict[str, Any] = {"clip": {"frames": args.frames, "fps": args.fps, "size": [128, 256]},
                            "machine": {"cpus": os.cpu_count(), "note": "shared with other jobs",
                                        "loadavg_at_start": os.getloadavg(),
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         # the demo's clip and settings (32 frames, window 16/4, 2 steps, not paced): units disagreement
         demo_clip = work / "demo_clip.mp4"
         if not demo_clip.exists():
-            synthetic_clip(demo_clip, 32, 128, 256)
+            floor_wall_clip(demo_clip, 32, 128, 256)
         out["demo_clip_disagreement"] = run_profile(work / "demo-clip", model, demo_clip, 16, 4, 2,
                                                     realtime=False)
         print(f"demo clip preview vs refined: {out['demo_clip_disagreement']['preview_vs_refined']}",

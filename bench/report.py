@@ -33,7 +33,7 @@ GPU_STATUS = [
     "Fused attention (daemon/model/attention_cuda.py): verified without a GPU only -- the kernel source is "
     "compiled for sm_90 by nvcc (ptxas: 168 registers at head dim 64, 237 at 80, no spills, 16 / 20 KiB "
     "shared memory per 128-thread block) and executed on the CPU by a g++ emulation of its threads (max "
-    "rel. error <= 1e-5 vs float64, tests/test_attention_fused.py). Its speed and its parity through "
+    "rel. error <= 1e-5 vs float64, tests/model/test_attention_fused.py). Its speed and its parity through "
     "Jittor on a GPU await a GPU session.",
     "",
     "Prediction to check there: the spatial case is 2 x 2 x 80 x 3840^2 x 64 = 302 GFLOP and 157 MB of "

@@ -9,7 +9,7 @@
 3. bench/report.py: bench/REPORT.md (or REPORT.md beside a custom results folder) with a PIL plot.
 
 Results: ``<results>/suite.json`` (what ran, exit codes, wall times, machine) and each script's own JSON in
-the same folder. ``--short`` (CI: tests/test_bench_suite.py) targets < ~2 min on 2 cores; it writes to
+the same folder. ``--short`` (CI: tests/bench/test_bench_suite.py) targets < ~2 min on 2 cores; it writes to
 bench/results/short/ by default so it never overwrites the full run's files.
 
     python bench/suite.py [--short] [--results DIR] [--skip-components]

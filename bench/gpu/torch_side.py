@@ -6,10 +6,10 @@ feature_extractor/) -- the Jittor side loads the very same weights -- and the at
 q/k/v and a float32 torch SDPA reference of those fp16 inputs) as .npy files.
 
 ``bench``: the PyTorch reference of the same networks on the same card: diffusers
-``UNetSpatioTemporalConditionModel`` through ``tests/torch_ref_pipeline.vid2vid_unet_forward``, diffusers
+``UNetSpatioTemporalConditionModel`` through ``reference.pipeline.vid2vid_unet_forward``, diffusers
 ``AutoencoderKLTemporalDecoder`` (encoder), transformers ``CLIPVisionModelWithProjection``,
-``tests/torch_ref_pmap_vae.TorchPointMapVae``; per-stage times, an end-to-end window in the stage order of
-tests/torch_ref_pipeline.py (device-resident, prior post-processing excluded), torch SDPA attention, and
+``reference.point_map_vae.TorchPointMapVae``; per-stage times, an end-to-end window in the stage order of
+reference/pipeline.py (device-resident, prior post-processing excluded), torch SDPA attention, and
 the prior substitute (ViT-L/14-shaped encoder at MoGe's token count, fp32). Writes torch.json.
 
     python bench/gpu/torch_side.py {prepare,bench} --model-dir DIR --work DIR [--out FILE]
@@ -59,7 +59,7 @@ def prepare(plan: common.Plan, model_dir: Path, work: Path) -> dict[str, Any]:
 
     from daemon.weights.configs import UNET_IN_CHANNELS
     from daemon.weights.tiny import PREPROCESSOR_CONFIG, SCHEDULER_CONFIG
-    from tests.torch_ref_pmap_vae import TorchPointMapVae
+    from reference.point_map_vae import TorchPointMapVae
 
     dev, net_dt = plan.device, _torch_dtype(plan.dtype)
     t_all = time.perf_counter()
@@ -118,7 +118,7 @@ class Nets:
         from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
         from transformers import CLIPVisionModelWithProjection
 
-        from tests.pipeline_fixtures import load_torch_point_map_vae
+        from reference.point_map_vae import load_torch_point_map_vae
 
         dev, dt = plan.device, _torch_dtype(plan.dtype)
         t0 = time.perf_counter()
@@ -136,7 +136,7 @@ class Nets:
         self.load_s = round(time.perf_counter() - t0, 2)
 
     def unet(self, variant: str, sample: Any, timestep: float, emb: Any, ids: Any) -> Any:
-        from tests.torch_ref_pipeline import vid2vid_unet_forward
+        from reference.pipeline import vid2vid_unet_forward
 
         return vid2vid_unet_forward(self.unets[variant], sample, timestep, emb, ids)
 
@@ -215,7 +215,7 @@ def bench_stages(plan: common.Plan, nets: Nets, size: tuple[int, int]) -> dict[s
 
 def e2e_window(plan: common.Plan, nets: Nets, size: tuple[int, int], variant: str) -> dict[str, Any]:
     """One window of ``plan.frames`` frames through encoders -> UNet (steps) -> decoder, in the stage order of
-    tests/torch_ref_pipeline.py, inputs already on the device and at the working size."""
+    reference/pipeline.py, inputs already on the device and at the working size."""
     import torch
     import torch.nn.functional as F
     from diffusers import EulerDiscreteScheduler

@@ -19,8 +19,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,8 +27,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from daemon.broker import start_broker
 from daemon.config import write_config
 from daemon.depth_colour import colourise
+from daemon.scenes import floor_wall_clip
 from daemon.weights.tiny import make_tiny
 from daemon.wire.subscribe import iter_frames
 
@@ -58,43 +58,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-mqtt", action="store_true",
                    help="use the file sink even when mosquitto is installed")
     p.set_defaults(func=_cmd_demo)
-
-
-# ---- sample clip -----------------------------------------------------------------------------------------
-
-def synthetic_clip(path: Path, n: int, height: int, width: int, fps: int = 24) -> None:
-    """A camera gliding over a textured floor towards a wall, with a box moving across (PyAV,
-    H.264/MPEG-4)."""
-    import av
-
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    horizon = height * 0.4
-    with av.open(str(path), "w") as out:
-        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-        stream = out.add_stream(codec, rate=fps)
-        assert isinstance(stream, av.VideoStream)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if codec == "mpeg4":
-            stream.bit_rate = 4_000_000
-        for t in range(n):
-            img = np.empty((height, width, 3), np.float32)
-            # floor: perspective checkerboard below the horizon, moving towards the camera
-            dy = np.maximum(ys - horizon, 1.0)
-            z = height / dy
-            u, v = (xs - width / 2) * z / width * 4, z * 2 + t * 0.15
-            checker = ((np.floor(u) + np.floor(v)) % 2) * 120 + 60
-            wall = 170 + 40 * np.sin(xs / 9.0 + t * 0.1)
-            floor = ys > horizon
-            for c, (fa, wa) in enumerate(((1.0, 0.9), (0.8, 0.95), (0.6, 1.0))):
-                img[..., c] = np.where(floor, checker * fa, wall * wa)
-            bx = int((t * width / max(n, 1)) % (width - width // 6))
-            by0, by1 = int(horizon + height * 0.1), int(horizon + height * 0.35)
-            img[by0:by1, bx:bx + width // 6] = (230, 60, 40)
-            frame = av.VideoFrame.from_ndarray(np.clip(img, 0, 255).astype(np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
 
 
 # ---- colour preview --------------------------------------------------------------------------------------
@@ -129,36 +92,6 @@ def write_previews(frames: dict[int, Any], clip: Path, out_dir: Path) -> list[Pa
         for p in s.encode():
             out.mux(p)
     return [sheet, mp4]
-
-
-# ---- local broker ----------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int] | None:
-    sbin = "/usr/sbin/mosquitto"
-    exe = shutil.which("mosquitto") or (sbin if os.path.exists(sbin) else None)
-    if exe is None:
-        return None
-    port = _free_port()
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n")
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, port
-        except OSError:
-            if proc.poll() is not None:
-                return None
-            time.sleep(0.02)
-    proc.kill()
-    return None
 
 
 # ---- the demo --------------------------------------------------------------------------------------------
@@ -202,22 +135,22 @@ async def _demo(args: argparse.Namespace, model_dir: Path) -> int:
     clip = workdir / "sample.mp4"
     if not clip.exists():
         _say(f"writing a {args.frames}-frame synthetic clip -> {clip}")
-        await asyncio.to_thread(synthetic_clip, clip, args.frames, 2 * args.height, 2 * args.width)
-    broker = None if args.no_mqtt else start_mosquitto(workdir)
+        await asyncio.to_thread(floor_wall_clip, clip, args.frames, 2 * args.height, 2 * args.width)
+    broker = None if args.no_mqtt else start_broker(workdir)
     out_dir = workdir / "out"
     shutil.rmtree(out_dir, ignore_errors=True)
     if broker is None:
         _say("mosquitto not available: results go to the file sink only")
     else:
-        _say(f"local mosquitto on 127.0.0.1:{broker[1]}")
+        _say(f"local mosquitto on 127.0.0.1:{broker.port}")
     cfg = workdir / "config.toml"
-    write_config(cfg, _config_tables(model_dir, clip, args, broker[1] if broker else None, out_dir))
+    write_config(cfg, _config_tables(model_dir, clip, args, broker.port if broker else None, out_dir))
     summary_path = workdir / "summary.json"
     received: dict[int, Any] = {}
     sub_task = None
     try:
         if broker is not None:
-            sub_task, ready = await _start_subscriber(broker[1], received)
+            sub_task, ready = await _start_subscriber(broker.port, received)
             await asyncio.wait_for(ready.wait(), 15)
         _say(f"starting the daemon: geometryd run --config {cfg} --exit-when-done")
         rc = await _run_daemon(cfg, summary_path, workdir / "daemon.log")
@@ -227,8 +160,7 @@ async def _demo(args: argparse.Namespace, model_dir: Path) -> int:
             sub_task.cancel()
             await asyncio.gather(sub_task, return_exceptions=True)
         if broker is not None:
-            broker[0].terminate()
-            broker[0].wait(10)
+            broker.stop(10)
     if rc != 0:
         _say(f"the daemon failed (exit {rc}); its log: {workdir / 'daemon.log'}")
         print((workdir / "daemon.log").read_text()[-3000:], file=sys.stderr)

@@ -1,0 +1,199 @@
+"""The fast host glue (banded resizes, frame-by-frame prior post-processing, fused decode post-processing)
+against the literal 0.1.0 code (reference/glue.py: whole-array formulas, dense-matrix resizes).
+
+Bit-exact where the float32 operations are the same ones: bilinear and nearest-exact resizes, prior
+post-processing, prior statistics, decode post-processing, points, the fp16 2v - 1. The bicubic resizes
+(source resize, resize224) sum the same non-zero terms, but the dense reference's BLAS splits its long
+(mostly zero) dot products into blocks, so its rounding differs: measured <= 3 ulp of the input's scale,
+bound 4 ulp; both stay within test_resample.py's bounds against torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from daemon import pipeline as P
+from daemon.model import prior_post, resample
+from daemon.scenes import tilted_plane
+from reference import glue as ref
+
+ODD = [((10, 14), (31, 7)), ((65, 33), (30, 17)), ((577, 1023), (383, 641)), ((384, 640), (576, 1024)),
+       ((7, 9), (7, 9)), ((1, 5), (3, 1)), ((40, 2), (2, 40))]
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (np.isnan(a) & np.isnan(b))).all())
+
+
+@pytest.mark.parametrize("src,dst", ODD)
+@pytest.mark.parametrize("mode", ["bilinear", "nearest_exact"])
+def test_linear_resizes_bit_exact_vs_dense(src, dst, mode: str) -> None:
+    x = np.random.default_rng(1).standard_normal((2, 3, *src)).astype(np.float32)
+    assert _same(resample.resize(x, dst, mode), resample.resize_dense(x, dst, mode))
+
+
+@pytest.mark.parametrize("src,dst", ODD)
+@pytest.mark.parametrize("mode", ["bicubic_aa", "bicubic_ac"])
+def test_bicubic_resizes_within_4ulp_of_dense(src, dst, mode: str) -> None:
+    x = np.random.default_rng(2).random((1, 3, *src), dtype=np.float32)
+    got, want = resample.resize(x, dst, mode), resample.resize_dense(x, dst, mode)
+    assert got.shape == want.shape and got.dtype == np.float32
+    ulp = np.spacing(np.float32(np.abs(x).max()))
+    assert np.abs(got - want).max() <= 4 * ulp
+
+
+def test_resize_shapes_and_float64() -> None:
+    rng = np.random.default_rng(3)
+    x2 = rng.standard_normal((13, 21)).astype(np.float32)
+    assert _same(resample.resize(x2, (8, 30), "bilinear"), resample.resize_dense(x2, (8, 30), "bilinear"))
+    x5 = rng.standard_normal((2, 2, 3, 13, 21)).astype(np.float32)
+    assert _same(resample.resize(x5, (8, 30), "bilinear"), resample.resize_dense(x5, (8, 30), "bilinear"))
+    x64 = rng.standard_normal((2, 13, 21))
+    got = resample.resize(x64, (30, 8), "bicubic_aa")
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, resample.resize_dense(x64, (30, 8), "bicubic_aa"), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("src", [(64, 128), (576, 1024), (100, 300), (384, 640)])
+def test_resize224_within_4ulp_of_dense(src) -> None:
+    x = (np.random.default_rng(4).random((2, 3, *src), dtype=np.float32) * 2 - 1).astype(np.float32)
+    assert np.abs(resample.resize224(x) - resample.resize224_dense(x)).max() <= 4 * np.spacing(np.float32(1.0))
+
+
+@pytest.mark.parametrize("mode,kw", [("bilinear", dict(mode="bilinear", align_corners=False)),
+                                     ("bicubic_aa", dict(mode="bicubic", align_corners=False, antialias=True))])
+def test_nan_stays_local(mode: str, kw) -> None:
+    """A NaN pixel poisons the outputs whose taps reach it (torch's set) and at most the rest of its band
+    block (a band's GEMM multiplies it by the block's zero weights too); the dense 0.1.0 product spread it
+    over whole output rows and columns (a cross through the image)."""
+    x = np.random.default_rng(5).random((1, 1, 72, 100), dtype=np.float32)
+    x[0, 0, 30, 40] = np.nan
+    got = np.isnan(resample.resize(x, (48, 64), mode))[0, 0]
+    want = np.isnan(F.interpolate(torch.from_numpy(x), size=(48, 64), **kw).numpy())[0, 0]
+    assert want.any() and (got | ~want).all()  # every NaN torch has
+    rows, cols = np.flatnonzero(got.any(1)), np.flatnonzero(got.any(0))
+    assert rows.ptp() < 2 * resample.BAND_ROWS and cols.ptp() < 2 * resample.BAND_ROWS, (rows, cols)
+
+
+# ---- order statistics and prior statistics -------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [5, 1000, 1023, 4096, 50_000, 300_001])
+def test_kth_smallest_matches_partition(n: int) -> None:
+    rng = np.random.default_rng(n)
+    cases = [rng.standard_normal(n).astype(np.float32), np.sort(rng.random(n, dtype=np.float32)),
+             np.sort(rng.random(n, dtype=np.float32))[::-1].copy(),
+             rng.integers(0, 3, n).astype(np.float32),  # heavy ties
+             np.full(n, 2.5, np.float32)]
+    for x in cases:
+        for k in {0, 1, n // 100, n // 2, n - 1 - n // 100, n - 2, n - 1} - {-1}:
+            if 0 <= k < n:
+                assert prior_post.kth_smallest(x, k) == np.partition(x, k)[k], (n, k)
+
+
+def _clip(t: int, h0: int, w0: int, invalid: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    _, points, _ = tilted_plane(t, h0, w0, seed=seed)
+    mask = np.random.default_rng(seed).random((t, h0, w0)) >= invalid
+    return points, mask
+
+
+@pytest.mark.parametrize("t,h0,w0,invalid", [(3, 72, 100, 0.15), (2, 130, 202, 0.002), (2, 64, 96, 0.0),
+                                             (2, 64, 96, 0.995), (5, 40, 30, 0.5)])
+def test_compute_stats_bit_exact(t: int, h0: int, w0: int, invalid: float) -> None:
+    points, mask = _clip(t, h0, w0, invalid)
+    assert prior_post.compute_stats(points, mask) == ref.compute_stats_ref(points, mask)
+
+
+def test_compute_stats_edge_cases_bit_exact() -> None:
+    points, mask = _clip(3, 64, 96, 0.005)
+    mask[1] = False  # a frame without any valid pixel
+    points[2, :4, :4, 2] = 1e-6  # clamped disparity (1e3) at the top
+    assert prior_post.compute_stats(points, mask) == ref.compute_stats_ref(points, mask)
+    points[0, 5, 5, 2] = np.nan  # a NaN depth: every statistic is NaN, like torch
+    got, want = prior_post.compute_stats(points, mask), ref.compute_stats_ref(points, mask)
+    assert all(np.isnan([got.scale, got.lo, got.hi]) == np.isnan([want.scale, want.lo, want.hi]))
+
+
+@pytest.mark.parametrize("t,h0,w0,size", [(5, 72, 100, (64, 128)), (3, 64, 128, (64, 128)),
+                                          (4, 130, 202, (64, 128)), (2, 576, 1024, (384, 640)),
+                                          (1, 50, 38, (64, 64))])
+@pytest.mark.parametrize("nan_guard", [False, True])
+def test_prior_to_x4_bit_exact(t: int, h0: int, w0: int, size, nan_guard: bool) -> None:
+    points, mask = _clip(t, h0, w0, 0.15, seed=t)
+    points[0, :3, :5, 2] = -1.0  # invalid pixels with negative depth: NaN log-depth without the guard
+    mask[0, :3, :5] = False
+    stats = ref.compute_stats_ref(points, mask)
+    want = ref.prior_to_x4_ref(points, mask, size, stats, nan_guard=nan_guard)
+    got = prior_post.prior_to_x4(points, mask, size, stats, nan_guard=nan_guard)
+    if not nan_guard and size != (h0, w0):  # the NaN spreads: only locally now (test_nan_stays_local_like_torch)
+        keep = ~np.isnan(want)
+        assert np.isnan(got).sum() < np.isnan(want).sum()
+        assert _same(got[keep], want[keep]) and not np.isnan(got[:, 0]).any()
+    else:
+        assert _same(got, want)
+
+
+def test_prior_to_x4_chunking_does_not_matter() -> None:
+    points, mask = _clip(5, 72, 100, 0.15)
+    stats = prior_post.compute_stats(points, mask)
+    a = prior_post.prior_to_x4(points, mask, (64, 128), stats, nan_guard=True, chunk=1)
+    b = prior_post.prior_to_x4(points, mask, (64, 128), stats, nan_guard=True, chunk=4)
+    assert _same(a, b)
+
+
+# ---- encoder inputs, decode post-processing ------------------------------------------------------
+
+
+def test_fp16_signed_unit_equals_fp16_arithmetic() -> None:
+    every = np.arange(0, 0x3C01, dtype=np.uint16).view(np.float16)  # every fp16 value in [0, 1]
+    rnd = np.random.default_rng(6).random(200_000, dtype=np.float32)
+    tiny = np.array([0.0, -0.0, 1.0, 1e-8, 2.0**-25, 3 * 2.0**-25, 2.0**-14, 0.5 + 2**-12, 6e-5], np.float32)
+    for v in (every.astype(np.float32), rnd, tiny):
+        want = v.astype(np.float16)
+        want = (want * np.float16(2.0) - np.float16(1.0)).astype(np.float16)
+        assert _same(P.to_signed_unit(v, np.float16), want.astype(np.float32))
+    assert _same(P.to_signed_unit(rnd, np.float32), rnd * np.float32(2.0) - np.float32(1.0))
+
+
+def test_round_to_fp16_equals_the_cast() -> None:
+    rng = np.random.default_rng(9)
+    x = np.concatenate([rng.standard_normal(300_000).astype(np.float32) * np.float32(s) for s in (1e-6, 1e-3, 1, 300)])
+    edges = np.array([0.0, -0.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26, -(2.0**-25), 2.0**-14 * (1 - 2**-12), 65503.0,
+                      1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11), 65504.0, 7e4, np.inf, np.nan], np.float32)
+    for v in (x, edges, edges[:-4]):
+        want = v.astype(np.float16).astype(np.float32)
+        got = P.round_to_fp16(v.copy())
+        assert _same(got, want) and (np.signbit(got) == np.signbit(want)).all()
+
+
+@pytest.mark.parametrize("src,size", [((72, 100), (64, 128)), ((576, 1024), (384, 640)), ((64, 128), (64, 128)),
+                                      ((50, 38), (64, 64))])
+def test_frames_at_size_vs_reference(src, size) -> None:
+    frames = np.random.default_rng(7).integers(0, 256, (3, *src, 3), dtype=np.uint8)
+    got, want = P.frames_at_size(frames, size), ref.frames_at_size_ref(frames, size)
+    assert got.shape == want.shape == (3, 3, *size) and got.dtype == np.float32
+    if src == size:
+        assert _same(got, want)
+    assert np.abs(got - want).max() <= 4 * np.spacing(np.float32(1.0))
+    f01 = frames.astype(np.float32) / np.float32(255.0)  # float input in [0, 1] takes the same path
+    assert np.abs(P.frames_at_size(f01, size) - want).max() <= 4 * np.spacing(np.float32(1.0))
+
+
+@pytest.mark.parametrize("src,out", [((64, 128), (72, 100)), ((384, 640), (576, 1024)), ((64, 64), (64, 64)),
+                                     ((64, 128), (50, 38))])
+@pytest.mark.parametrize("extract", [False, True])
+def test_decode_post_and_points_bit_exact(src, out, extract: bool) -> None:
+    rng = np.random.default_rng(8)
+    a, dl, vl = (rng.standard_normal((3, *src)).astype(np.float32) for _ in range(3))
+    dl[0, 0, :3] = 20.0  # above the exp clamp
+    maps = P.decode_post(a.copy(), dl.copy(), vl.copy(), out, extract)
+    fx, fy, ld, valid = ref.decode_post_ref(a, dl, vl, out, extract)
+    assert _same(maps.fx, fx) and _same(maps.fy, fy) and _same(maps.log_depth, ld) and _same(maps.valid, valid)
+    for ffx, ffy in [(np.float32(0.7), np.float32(0.9)), (np.full(3, 0.7, np.float32), np.full(3, 0.8, np.float32)),
+                     (maps.fx, maps.fy)]:
+        p1, z1 = P.points_from_maps(maps, ffx, ffy)
+        p2, z2 = ref.points_from_maps_ref(maps.log_depth, ffx, ffy)
+        assert _same(p1, p2) and _same(z1, z2)
