@@ -11,7 +11,7 @@ Secrets (``mqtt.password``, ``http.token``, credentials inside RTSP URLs) never 
 messages; ``GEOMETRYD_MQTT_PASSWORD`` / ``GEOMETRYD_HTTP_TOKEN`` override the file's values when set.
 
 The shipped ``config.toml`` documents every key and equals ``default_config()`` plus one example source
-(checked by tests/test_config.py, in the style of MediaMTX's ``mediamtx.yml``).
+(checked by tests/daemon/test_config.py, in the style of MediaMTX's ``mediamtx.yml``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ offline pipeline computes them over the whole clip.
 
 Speed: both functions work frame by frame on reused buffers with in-place ufuncs, in the same order of
 float32 operations as the spec's formulas (so the results are the same float32 values as the literal
-whole-array code, tests/glue_reference.py), and the resizes are the banded products of
+whole-array code, reference/glue.py), and the resizes are the banded products of
 :mod:`daemon.model.resample`. The per-frame disparity quantiles are order statistics of the valid depths (the
 disparity is a monotone function of depth), found by a sampled threshold and a partition of the few
 candidates instead of a partition of the whole frame.
@@ -326,7 +326,7 @@ def _fnorm_resized(focal: np.ndarray, src: tuple[int, int], size: tuple[int, int
 
     Resizing a constant map gives a value that depends on the output row (vertical weights, a handful of
     distinct values) and on the output column, so the resize runs on one column and on the distinct rows
-    only; the result is the same float32 map as resizing the full constant maps (tests/test_prior_fast.py).
+    only; the result is the same float32 map as resizing the full constant maps (tests/pipeline/test_glue_fast.py).
     """
     t = focal.shape[0]
     (h0, w0), (h, w) = src, size

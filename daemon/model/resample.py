@@ -7,7 +7,7 @@ matrices (rows = output index, columns = input index) applied to the last two ax
 chosen taps and the linear weights are the same); kernel weights are float64 and the products run in
 float32 (float64 for float64 input). PyTorch's own float32 cubic weights carry rounding of up to ~5e-7
 (cancellation in the Keys polynomial), so fp32-vs-fp32 agreement on bicubic is ~1e-6 while agreement with
-torch run in float64 is ~1e-7 (tests/test_resample.py).
+torch run in float64 is ~1e-7 (tests/model/test_resample.py).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ What grows with the clip: per frame, the encoder input, x4 and the three decoder
 size, and the output mask at the output size (1 byte per pixel: the npz writes it after the point map).
 The results are the values of ``GeometryCrafter.__call__``: the same numpy/BLAS calls, on fewer frames at
 a time where frames are big; that a resize's values do not depend on how many frames it is given is checked
-in tests/test_process_input.py, and outputs were compared bit for bit with 0.2.0's. With
+in tests/commands/test_process_input.py, and outputs were compared bit for bit with 0.2.0's. With
 ``downsample_ratio`` > 1 the shrink and the upsampling back run per frame instead of on the whole clip:
 equal on the sizes tested, not proven for every size.
 """
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 # Host glue at the source size (prior post-processing, decode post-processing) runs on as many frames at once
 # as keep one float32 map under this many bytes: one frame at 3840x2160, 8 at 1920x1080 (the results do not
-# depend on it, tests/test_process_input.py).
+# depend on it, tests/commands/test_process_input.py).
 HOST_CHUNK_BYTES = 64 << 20
 
 
@@ -166,7 +166,7 @@ class _ClipReader:
             self._batch = self.priors.batch(*self.src)
             # the encoder resizes decode_chunk frames per call; big frames are resized one at a time as they
             # arrive instead (the same values: the resize of a frame does not depend on its batch,
-            # tests/test_process_input.py), so that no group of source frames waits
+            # tests/commands/test_process_input.py), so that no group of source frames waits
             dc = self.opts.decode_chunk
             self._enc_group = dc if host_frames(self.src[0], 3 * self.src[1], dc) == dc else 1
         frame, prior_frame = img[None], img

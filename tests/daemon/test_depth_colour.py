@@ -1,5 +1,5 @@
 """The one depth colouriser (daemon/depth_colour.py) and its three users: the demo's previews, `process
---preview` and the viewer (tests/test_viewer_hub.py) show the same colours for the same depth."""
+--preview` and the viewer (tests/viewer/test_viewer_hub.py) show the same colours for the same depth."""
 
 from __future__ import annotations
 

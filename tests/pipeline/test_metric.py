@@ -15,7 +15,7 @@ from daemon.model.metric_scale import MetricScale, follow_factor, window_factor
 from daemon.model.streaming_stats import PolicyParams
 from daemon.stages.prior import run_priors
 from daemon.weights import pull
-from helpers.clips import make_clip
+from helpers.clips import make_clip, synthetic_frames
 from helpers.run_daemon import (  # noqa: F401 (fixtures)
     DaemonProcess,
     Subscriber,
@@ -108,7 +108,6 @@ def test_sidecar_runs_tiny_moge2_metric(moge2: Path, tmp_path: Path) -> None:
 
 
 def make_frames(n: int) -> np.ndarray:
-    from daemon_fixtures import synthetic_frames
 
     return synthetic_frames(n, 64, 128, seed=1)
 
