@@ -293,7 +293,8 @@ def round_to_fp16(x: np.ndarray) -> np.ndarray:
     numpy's float16 casts are scalar loops (~13x a float32 pass on the 2-core box); this rounds the float32
     bit pattern at the fp16 mantissa width instead, with fp16's subnormal range (|x| < 2^-14, a fixed step of
     2^-24) rounded by adding and removing 0.75. Checked against the cast on edge cases and 1.2 M random values
-    (tests/pipeline/test_glue_fast.py) and on the float32 values of [-1, 1] an exhaustive run reached (no mismatch).
+    (tests/pipeline/test_glue_fast.py) and on the float32 values of [-1, 1] an exhaustive run reached (no
+    mismatch).
     Values
     outside the fp16 range (or NaN) take numpy's cast.
     """
@@ -323,8 +324,8 @@ def to_signed_unit(v: np.ndarray, ld: type) -> np.ndarray:
 
     fp16: upstream computes ``v * 2 - 1`` in fp16. For fp16 v both steps are exact in float32 (2v is, and
     2v - 1 of an 11-bit mantissa fits), so computing in float32 and rounding once gives the same fp16 values
-    (checked on every fp16 value in [0, 1], tests/pipeline/test_glue_fast.py); the roundings to fp16 run on float32
-    bits (:func:`round_to_fp16`).
+    (checked on every fp16 value in [0, 1], tests/pipeline/test_glue_fast.py); the roundings to fp16 run on
+    float32 bits (:func:`round_to_fp16`).
     """
     w = np.array(v, np.float32)
     if ld != np.float32:

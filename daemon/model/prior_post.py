@@ -326,7 +326,8 @@ def _fnorm_resized(focal: np.ndarray, src: tuple[int, int], size: tuple[int, int
 
     Resizing a constant map gives a value that depends on the output row (vertical weights, a handful of
     distinct values) and on the output column, so the resize runs on one column and on the distinct rows
-    only; the result is the same float32 map as resizing the full constant maps (tests/pipeline/test_glue_fast.py).
+    only; the result is the same float32 map as resizing the full constant maps
+    (tests/pipeline/test_glue_fast.py).
     """
     t = focal.shape[0]
     (h0, w0), (h, w) = src, size
