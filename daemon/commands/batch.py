@@ -33,9 +33,8 @@ from daemon.offline.batch import (
     output_paths,
     run_serial,
 )
-from daemon.offline.options import ProcessOptions
+from daemon.offline.options import ProcessOptions, check_model_parts
 from daemon.offline.worker import VideoResult
-from daemon.weights.tiny import missing_parts
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +71,7 @@ def _validate(args: argparse.Namespace) -> None:
     if args.gpus_per_worker < 0 or args.workers < 0:
         raise UsageError("--workers and --gpus-per-worker must be >= 0")
 
-    need = {f"unet_{args.variant}", "point_map_vae", "vae", "image_encoder", "feature_extractor", "scheduler",
-            "moge"}
-    missing = sorted(need & set(missing_parts(args.model_dir)))
-    if missing:
-        raise UsageError(f"model folder {args.model_dir} is missing: {', '.join(p + '/' for p in missing)}")
+    check_model_parts(Path(args.model_dir), args.variant)
 
 
 def run(args: argparse.Namespace) -> int:

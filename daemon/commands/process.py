@@ -18,9 +18,8 @@ from pathlib import Path
 
 from daemon.intrinsics import check_pixel_intrinsics
 from daemon.offline.options import DEFAULTS as D
-from daemon.offline.options import ProcessOptions
+from daemon.offline.options import ProcessOptions, check_model_parts
 from daemon.offline.process import UsageError, process_file
-from daemon.weights.tiny import missing_parts
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +149,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError("--intrinsics replace the focal of the projection step: "
                          "they need --force-projection")
 
-    need = {f"unet_{args.variant}", "point_map_vae", "vae", "image_encoder", "feature_extractor", "scheduler",
-            "moge"}
-    missing = sorted(need & set(missing_parts(args.model_dir)))
-    if missing:
-        raise UsageError(f"model folder {args.model_dir} is missing: {', '.join(p + '/' for p in missing)}")
+    check_model_parts(Path(args.model_dir), args.variant)
 
 
 def run(args: argparse.Namespace) -> int:

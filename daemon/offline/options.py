@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from pathlib import Path
+
+from daemon.weights.tiny import missing_parts
 
 
 class UsageError(ValueError):
@@ -73,6 +76,16 @@ class ProcessOptions:
             v = getattr(self, name)
             if v < 0 or v % 64:
                 raise UsageError(f"--{name} must be a positive multiple of 64, got {v}")
+
+
+def check_model_parts(model_dir: Path, variant: str) -> None:
+    """Raise :class:`UsageError` naming the parts an offline run of ``variant`` needs that ``model_dir``
+    lacks."""
+    need = {f"unet_{variant}", "point_map_vae", "vae", "image_encoder", "feature_extractor", "scheduler",
+            "moge"}
+    missing = sorted(need & set(missing_parts(model_dir)))
+    if missing:
+        raise UsageError(f"model folder {model_dir} is missing: {', '.join(p + '/' for p in missing)}")
 
 
 DEFAULTS = ProcessOptions()
