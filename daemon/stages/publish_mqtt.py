@@ -285,8 +285,9 @@ class MqttPublisher:
         self._closed = True
         grace = float(self.cfg.publish_timeout_s) if grace_s is None else grace_s
         deadline = time.monotonic() + grace
-        while not self._outbox.empty() and self.connected and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)  # frames first, then the offline status
+        # frames first (queued and in flight), then the offline status, whose counts must include them
+        while (not self._outbox.empty() or self._inflight) and self.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         for source in list(self.stats):
             self._set_retained(self._status_message(source, {"state": "offline"}))
         self._set_retained(self._availability("offline"))

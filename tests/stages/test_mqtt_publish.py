@@ -6,7 +6,9 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
+import aiomqtt
 import numpy as np
 import pytest
 
@@ -106,6 +108,45 @@ def test_frames_arrive_exactly_once_and_decode(mosquitto: Mosquitto, depth_encod
     assert cam_status[-1]["state"] == "offline"
     assert cam_status[-1]["mqtt"]["published"] == 2 * N_FRAMES
     assert pub.published == pub.offered == 2 * N_FRAMES and pub.dropped == 0 and pub.reconnects == 0
+
+
+def test_offline_status_counts_a_publish_still_in_flight_at_close(
+    mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() right after the outbox empties: the last frame is still on the (slow) wire. The retained
+    offline status must count it; it once said 1 published of 2 while the final count was 2."""
+    prefix = "t/inflight"
+    cfg = mqtt_config(mosquitto.port, topic_prefix=prefix)
+    real_publish = aiomqtt.Client.publish
+
+    async def slow_publish(self: aiomqtt.Client, topic: str, *args: Any, **kwargs: Any) -> None:
+        if topic.endswith(("/depth", "/points")):
+            await asyncio.sleep(0.15)  # a slow uplink: the publish is in flight, the outbox already empty
+        await real_publish(self, topic, *args, **kwargs)
+
+    monkeypatch.setattr(aiomqtt.Client, "publish", slow_publish)
+
+    async def scenario() -> tuple[Collector, MqttPublisher]:
+        collector = Collector(mosquitto.host, mosquitto.port, prefix)
+        raw = asyncio.create_task(collector.run())
+        await asyncio.wait_for(collector.ready.wait(), 5)
+        pub = MqttPublisher(cfg, ["cam"])
+        async with pub:
+            assert await pub.wait_connected(5)
+            await pub.publish_frame("cam", make_frame(0), 0.0)
+            while pub.queued:  # taken from the outbox, not yet acknowledged
+                await asyncio.sleep(0.001)
+            assert pub._inflight == 1
+        await collector.wait_for(
+            lambda m: m.topic == f"{prefix}/cam/status" and b'"offline"' in m.payload
+        )
+        raw.cancel()
+        return collector, pub
+
+    collector, pub = asyncio.run(scenario())
+    assert pub.published == pub.offered == 2 and pub.dropped == 0
+    offline = [json.loads(m.payload) for m in collector.messages if m.topic == f"{prefix}/cam/status"][-1]
+    assert offline["state"] == "offline" and offline["mqtt"]["published"] == 2
 
 
 def test_retained_status_and_intrinsics_for_late_subscribers(mosquitto: Mosquitto) -> None:
