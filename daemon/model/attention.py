@@ -23,7 +23,7 @@ import os
 from typing import Any
 
 from daemon.jittor_env import import_jittor
-from daemon.model import attention_cuda
+from daemon.model import attention_cuda, conv_cpu
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +112,18 @@ def merge_heads(x: Var, heads: int) -> Var:
     bh, length, d = x.shape
     b = bh // heads
     return x.reshape(b, heads, length, d).transpose(0, 2, 1, 3).reshape(b, length, heads * d)
+
+
+def multi_head_attention(q: Var, k: Var, v: Var, heads: int, scale: float | None = None) -> Var:
+    """:func:`attention` per head on token-major layouts: q [B,Lq,H*d], k [B,Lk,H*d], v [B,Lk,H*dv] ->
+    [B,Lq,H*dv] (heads split and merged like diffusers). On CPU with oneDNN and fp32 operands this is one
+    fused op (``conv_cpu.attention_heads``: no head transposes, no full score tensor in memory)."""
+    jt = import_jittor()
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1] // heads)
+    if not jt.flags.use_cuda and q.dtype == "float32" and k.dtype == "float32" and v.dtype == "float32":
+        out = conv_cpu.attention_heads(q, k, v, heads, scale)
+        if out is not None:
+            return out
+    return merge_heads(attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), scale),
+                       heads)

@@ -21,7 +21,7 @@ import numpy as np
 
 from daemon.jittor_env import import_jittor
 from daemon.model import conv_cpu, norm_cpu
-from daemon.model.attention import attention
+from daemon.model.attention import multi_head_attention
 
 jt: Any = import_jittor()  # a module; typed Any so that jt.nn.Module can be a base class
 nn: Any = jt.nn
@@ -155,13 +155,20 @@ class Linear(nn.Module):
         self.bias = jt.init.uniform((out_features,), "float32", -bound, bound) if bias else None
 
     def execute(self, x: Var) -> Var:
-        w = self.weight
-        x = x.cast(w.dtype)
-        shape = x.shape
-        y = matmul(x.reshape(-1, shape[-1]), w.transpose(1, 0))
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        return linear(x, self.weight, self.bias)
+
+
+def linear(x: Var, w: Var, b: Var | None) -> Var:
+    """x [..., in] @ w[out,in]^T + b: the Linear layers' function (also on row slices of one weight)."""
+    x = x.cast(w.dtype)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    y = None if jt.flags.use_cuda or x.dtype != "float32" else conv_cpu.linear(x2, w, b)
+    if y is None:
+        y = matmul(x2, w.transpose(1, 0))
+        if b is not None:
+            y = y + b
+    return y.reshape(*shape[:-1], w.shape[0])
 
 
 class Conv2d(nn.Module):
@@ -459,6 +466,6 @@ class VaeAttention(nn.Module):
         q = self.to_q(hs)
         k = self.to_k(hs)
         v = self.to_v(hs)
-        o = self.to_out[0](attention(q, k, v))
+        o = self.to_out[0](multi_head_attention(q, k, v, 1))
         o = o.transpose(0, 2, 1).reshape(n, c, h, w)
         return o + x.cast(o.dtype)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from daemon.jittor_env import import_jittor
-from daemon.model.attention import attention, merge_heads, split_heads
+from daemon.model.attention import multi_head_attention
 from daemon.model.blocks import ACTIVATIONS, Conv2d, LayerNorm, Linear
 from daemon.model.loader import CheckpointError, find_weights, load_into, read_config
 
@@ -82,10 +82,7 @@ class ClipAttention(nn.Module):
         self.out_proj = Linear(d, d)
 
     def execute(self, x: Var) -> Var:
-        q = split_heads(self.q_proj(x), self.heads)
-        k = split_heads(self.k_proj(x), self.heads)
-        v = split_heads(self.v_proj(x), self.heads)
-        return self.out_proj(merge_heads(attention(q, k, v), self.heads))
+        return self.out_proj(multi_head_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
 
 
 class ClipMlp(nn.Module):

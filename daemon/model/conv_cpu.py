@@ -28,6 +28,9 @@ Var = Any  # jittor.Var
 ONEDNN, IM2COL = "onednn", "im2col"
 _BACKENDS = (ONEDNN, IM2COL)
 _OPS = ("mkl_conv", "mkl_matmul")
+# geometryd's own oneDNN-backed ops (daemon/model/cpu_ops), built in the same module as Jittor's
+_OWN_OPS_DIR = Path(__file__).resolve().parent / "cpu_ops"
+_OWN_OPS = ("cpu_attention", "cpu_linear")
 _state: dict[str, Any] = {}
 
 
@@ -56,6 +59,7 @@ def _compile_ops(paths: tuple[Path, Path]) -> ModuleType:
 
     op_dir = Path(jittor.__file__).parent / "extern" / "mkl" / "ops"
     files = [str(op_dir / f"{name}_op{ext}") for name in _OPS for ext in (".cc", ".h")]
+    files += [str(_OWN_OPS_DIR / f"{name}_op{ext}") for name in _OWN_OPS for ext in (".cc", ".h")]
     inc, lib = paths
     flags = f' -I"{inc}" -L"{lib}" -Wl,-rpath,"{lib}" -ldnnl '
     ops = jittor.compiler.compile_custom_ops(files, extra_flags=flags)
@@ -117,3 +121,23 @@ def matmul2d(a: Var, b: Var) -> Var | None:
     if ops is None or a.ndim != 2 or b.ndim != 2 or a.dtype != "float32" or b.dtype != "float32":
         return None
     return ops.mkl_matmul(a, b, False, False)
+
+
+def linear(x: Var, w: Var, b: Var | None) -> Var | None:
+    """fp32 torch.nn.Linear on [M,K] with weight [N,K] (not transposed) and optional bias [N]: one oneDNN
+    sgemm (``cpu_ops/cpu_linear_op`` with a bias), or None when that backend is off."""
+    ops = _ops()
+    if ops is None or x.ndim != 2 or x.dtype != "float32" or w.dtype != "float32":
+        return None
+    if b is None:
+        return ops.mkl_matmul(x, w, False, True)
+    return ops.cpu_linear(x, w, b.float32())
+
+
+def attention_heads(q: Var, k: Var, v: Var, heads: int, scale: float) -> Var | None:
+    """Fused fp32 softmax(q k^T * scale) v per head on token-major layouts (``cpu_ops/cpu_attention_op``):
+    q [N,Lq,H*d], k [N,Lk,H*d], v [N,Lk,H*dv] -> [N,Lq,H*dv]; None when oneDNN is off."""
+    ops = _ops()
+    if ops is None or not all(t.dtype == "float32" for t in (q, k, v)):
+        return None
+    return ops.cpu_attention(q, k, v, heads, scale)

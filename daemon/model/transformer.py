@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from daemon.jittor_env import import_jittor
-from daemon.model.attention import attention
-from daemon.model.blocks import AlphaBlender, GroupNorm, LayerNorm, Linear, gelu, silu, sinusoid
+from daemon.model.attention import multi_head_attention
+from daemon.model.blocks import AlphaBlender, GroupNorm, LayerNorm, Linear, gelu, linear, silu, sinusoid
 
 jt: Any = import_jittor()  # a module; typed Any so that jt.nn.Module can be a base class
 nn: Any = jt.nn
@@ -54,18 +54,6 @@ class Attention(nn.Module):
         # Index 1 of diffusers' to_out is a parameter-free Dropout(0): only index 0 is kept.
         self.to_out = nn.ModuleList([Linear(inner, query_dim)])
 
-    def _split(self, x: Var) -> Var:
-        n, length, _ = x.shape
-        return x.reshape((n, length, self.heads, self.dim_head)).transpose((0, 2, 1, 3)).reshape(
-            (n * self.heads, length, self.dim_head)
-        )
-
-    def _merge(self, x: Var, n: int) -> Var:
-        length = x.shape[1]
-        return x.reshape((n, self.heads, length, self.dim_head)).transpose((0, 2, 1, 3)).reshape(
-            (n, length, self.heads * self.dim_head)
-        )
-
     def execute(self, x: Var, context: Var | None = None) -> Var:
         """x [N, L, C]; context [Nc, Lc, D] or None (self-attention).
 
@@ -78,12 +66,8 @@ class Attention(nn.Module):
             raise ValueError(
                 f"context batch {source.shape[0]} != query batch {x.shape[0]} (multi-token context)"
             )
-        n = x.shape[0]
-        q = self._split(self.to_q(x))
-        k = self._split(self.to_k(source))
-        v = self._split(self.to_v(source))
-        out = attention(q, k, v, self.scale)
-        return self.to_out[0](self._merge(out, n))
+        out = multi_head_attention(self.to_q(x), self.to_k(source), self.to_v(source), self.heads, self.scale)
+        return self.to_out[0](out)
 
 
 class GEGLU(nn.Module):
@@ -94,10 +78,9 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim, inner * 2)
 
     def execute(self, x: Var) -> Var:
-        h = self.proj(x)
-        value = h[..., : self.inner]
-        gate = h[..., self.inner :]
-        return value * gelu(gate)
+        # two products on the row halves of the weight: cheaper than slicing the [.., 2*inner] activation
+        w, b, n = self.proj.weight, self.proj.bias, self.inner
+        return linear(x, w[:n], b[:n]) * gelu(linear(x, w[n:], b[n:]))
 
 
 class FeedForward(nn.Module):

@@ -85,6 +85,34 @@ def test_matmul_matches_torch() -> None:
     assert _rel(got, (torch.from_numpy(a) @ torch.from_numpy(b)).numpy()) <= 1e-6
 
 
+@pytest.mark.parametrize(
+    "n,lq,lk,heads,d,dv",
+    [(3, 150, 150, 2, 16, 16), (4, 9, 9, 3, 8, 8), (2, 37, 200, 1, 64, 32), (1, 1, 5, 4, 2, 2)],
+)  # spatial (several 64-row blocks and a remainder), temporal (L=9), cross-shaped, a single query row
+def test_fused_attention_matches_torch_sdpa_per_head(n: int, lq: int, lk: int, heads: int, d: int,
+                                                       dv: int) -> None:
+    """cpu_attention on token-major [N,L,H*d] against torch SDPA on the same heads split out."""
+    from daemon.model.attention import multi_head_attention
+
+    rng = np.random.default_rng(lq + lk)
+    q = (rng.standard_normal((n, lq, heads * d)) * 2).astype(np.float32)
+    k = (rng.standard_normal((n, lk, heads * d)) * 2).astype(np.float32)
+    v = rng.standard_normal((n, lk, heads * dv)).astype(np.float32)
+
+    def split(x: np.ndarray, width: int) -> torch.Tensor:
+        return torch.from_numpy(x).reshape(n, x.shape[1], heads, width).transpose(1, 2)
+
+    ref = F.scaled_dot_product_attention(split(q, d), split(k, d), split(v, dv))
+    ref_np = ref.transpose(1, 2).reshape(n, lq, heads * dv).numpy()
+    fused = conv_cpu.attention_heads(jt.array(q), jt.array(k), jt.array(v), heads, d**-0.5)
+    assert fused is not None  # oneDNN is installed here (test_onednn_is_chosen...)
+    got = fused.numpy()
+    assert got.shape == ref_np.shape
+    assert _rel(got, ref_np) <= 1e-6, _rel(got, ref_np)
+    routed = multi_head_attention(jt.array(q), jt.array(k), jt.array(v), heads).numpy()
+    np.testing.assert_array_equal(routed, got)  # the networks' entry point takes the fused op
+
+
 @pytest.mark.parametrize("shape,mean", [((2, 64, 6, 10), 0.0), ((1, 32, 3, 4, 5), 0.0), ((2, 64, 5, 7), 1e3)])
 @pytest.mark.parametrize("act", ["", "silu"])
 def test_group_norm_matches_torch(shape: tuple[int, ...], mean: float, act: str) -> None:

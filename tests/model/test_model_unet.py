@@ -206,7 +206,7 @@ def test_input_validation(models):
 
 def test_single_token_cross_attention_shortcut_is_exact():
     """Spec 3.7: with one context token the softmax is exactly 1; the shortcut equals the full path."""
-    from daemon.model.attention import attention
+    from daemon.model.attention import attention, merge_heads, split_heads
     from daemon.model.transformer import Attention, add_broadcast
 
     rng = np.random.default_rng(3)
@@ -214,8 +214,8 @@ def test_single_token_cross_attention_shortcut_is_exact():
     x = jt.array(rng.standard_normal((3, 10, 64)).astype(np.float32))
     ctx = jt.array(rng.standard_normal((3, 1, 16)).astype(np.float32))
     fast = add_broadcast(jt.zeros((3, 10, 64)), attn(x, ctx)).numpy()
-    q, k, v = attn._split(attn.to_q(x)), attn._split(attn.to_k(ctx)), attn._split(attn.to_v(ctx))
-    full = attn.to_out[0](attn._merge(attention(q, k, v, attn.scale), 3)).numpy()
+    q, k, v = (split_heads(t, 2) for t in (attn.to_q(x), attn.to_k(ctx), attn.to_v(ctx)))
+    full = attn.to_out[0](merge_heads(attention(q, k, v, attn.scale), 2)).numpy()
     np.testing.assert_allclose(fast, full, rtol=0, atol=1e-6 * np.abs(full).max())
 
 
