@@ -13,8 +13,10 @@ arithmetic (fp32 with fp32 accumulation, like torch's CPU kernels).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -53,16 +55,41 @@ def dnnl_paths(prefix: str | None = None) -> tuple[Path, Path] | None:
     return inc, lib
 
 
+def _staged_sources(cache: Path) -> tuple[list[str], str]:
+    """Op sources at a content-addressed path in Jittor's cache, and a module name with the same hash.
+
+    Jittor rebuilds a custom-op module whenever its compile command changes, into a path named after the
+    op names only. Compiled from a checkout, the command holds the checkout's path: two checkouts (or
+    worktrees) on one machine would rebuild the same ``.so`` in turns, under processes that have it
+    loaded (a segfault, seen). Staged by content, equal sources give one command and one module, and
+    different sources never share a module."""
+    import jittor
+
+    jt_ops = Path(jittor.__file__).parent / "extern" / "mkl" / "ops"
+    sources = [jt_ops / f"{name}_op{ext}" for name in _OPS for ext in (".cc", ".h")]
+    sources += [_OWN_OPS_DIR / f"{name}_op{ext}" for name in _OWN_OPS for ext in (".cc", ".h")]
+    digest = hashlib.sha256()
+    for src in sources:
+        digest.update(src.name.encode() + b"\0" + src.read_bytes())
+    tag = digest.hexdigest()[:12]
+    stage = cache / "geometryd_cpu_ops" / tag
+    if not all((stage / src.name).is_file() for src in sources):
+        stage.mkdir(parents=True, exist_ok=True)
+        for src in sources:
+            tmp = stage / f".{src.name}.{os.getpid()}"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, stage / src.name)  # atomic: a concurrent stager never sees half a file
+    return [str(stage / src.name) for src in sources], f"geometryd_cpu_ops_{tag}"
+
+
 def _compile_ops(paths: tuple[Path, Path]) -> ModuleType:
     jt = import_jittor()
     import jittor.compiler
 
-    op_dir = Path(jittor.__file__).parent / "extern" / "mkl" / "ops"
-    files = [str(op_dir / f"{name}_op{ext}") for name in _OPS for ext in (".cc", ".h")]
-    files += [str(_OWN_OPS_DIR / f"{name}_op{ext}") for name in _OWN_OPS for ext in (".cc", ".h")]
+    files, module = _staged_sources(Path(jittor.compiler.cache_path))
     inc, lib = paths
     flags = f' -I"{inc}" -L"{lib}" -Wl,-rpath,"{lib}" -ldnnl '
-    ops = jittor.compiler.compile_custom_ops(files, extra_flags=flags)
+    ops = jittor.compiler.compile_custom_ops(files, extra_flags=flags, gen_name_=module)
     del jt
     return ops
 

@@ -113,6 +113,26 @@ def test_fused_attention_matches_torch_sdpa_per_head(n: int, lq: int, lk: int, h
     np.testing.assert_array_equal(routed, got)  # the networks' entry point takes the fused op
 
 
+def test_op_module_is_named_by_source_content_not_by_checkout(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two checkouts with the same op sources share one module; changed sources get another module.
+    (Named after the op names only, a second checkout rebuilt the loaded .so of the first: a segfault.)"""
+    cache = tmp_path / "cache"
+    files, module = conv_cpu._staged_sources(cache)
+    assert all(Path(f).is_file() and Path(f).parent.parent == cache / "geometryd_cpu_ops" for f in files)
+    other = tmp_path / "checkout2" / "cpu_ops"
+    other.mkdir(parents=True)
+    for src in conv_cpu._OWN_OPS_DIR.iterdir():
+        (other / src.name).write_bytes(src.read_bytes())
+    monkeypatch.setattr(conv_cpu, "_OWN_OPS_DIR", other)
+    assert conv_cpu._staged_sources(cache) == (files, module)  # same content elsewhere: same module
+    name = f"{conv_cpu._OWN_OPS[0]}_op.cc"
+    (other / name).write_text((other / name).read_text() + "\n// changed\n")
+    files2, module2 = conv_cpu._staged_sources(cache)
+    assert module2 != module and files2 != files
+    assert Path(files[0]).parent.is_dir()  # the first module's sources are left alone
+
+
 @pytest.mark.parametrize("shape,mean", [((2, 64, 6, 10), 0.0), ((1, 32, 3, 4, 5), 0.0), ((2, 64, 5, 7), 1e3)])
 @pytest.mark.parametrize("act", ["", "silu"])
 def test_group_norm_matches_torch(shape: tuple[int, ...], mean: float, act: str) -> None:
