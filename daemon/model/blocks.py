@@ -188,20 +188,24 @@ class Conv2d(nn.Module):
         self.weight = jt.init.uniform(shape, "float32", -bound, bound)
         self.bias = jt.init.uniform((out_channels,), "float32", -bound, bound) if bias else None
 
-    def execute(self, x: Var) -> Var:
+    def execute(self, x: Var, residual: Var | None = None, padding: tuple[int, ...] | None = None) -> Var:
+        """conv(x) + bias (+ ``residual``); ``padding`` (top, left, bottom, right) overrides the layer's."""
         w = self.weight
         x = x.cast(w.dtype)
+        if not jt.flags.use_cuda:
+            y = conv_cpu.conv2d(x.float32(), w.float32(), self.bias, self.stride,
+                                self.padding if padding is None else padding, residual)
+            if y is not None:
+                return y.cast(x.dtype)
+        pad = self.padding
+        if padding is not None:
+            top, left, bottom, right = padding
+            x, pad = nn.pad(x, (left, right, top, bottom)), 0
         if jt.flags.use_cuda:
-            return nn.conv2d(x, w, self.bias, self.stride, self.padding)
-        return conv2d_cpu(x, w, self.bias, self.stride, self.padding)
-
-
-def conv2d_cpu(x: Var, w: Var, b: Var | None, stride: int, padding: int) -> Var:
-    """CPU convolution: oneDNN (fp32 math, also for fp16 operands) when available, else im2col."""
-    y = conv_cpu.conv2d(x.float32(), w.float32(), b, stride, padding)
-    if y is None:
-        return conv2d_im2col(x, w, b, stride, padding)
-    return y.cast(x.dtype)
+            y = nn.conv2d(x, w, self.bias, self.stride, pad)
+        else:
+            y = conv2d_im2col(x, w, self.bias, self.stride, pad)
+        return y if residual is None else y + residual.cast(y.dtype)
 
 
 def conv2d_im2col(x: Var, w: Var, b: Var | None, stride: int, padding: int) -> Var:
@@ -245,7 +249,8 @@ class TemporalConv(nn.Module):
         self.weight = jt.init.uniform(shape, "float32", -bound, bound)
         self.bias = jt.init.uniform((out_channels,), "float32", -bound, bound)
 
-    def execute(self, x: Var) -> Var:
+    def execute(self, x: Var, residual: Var | None = None) -> Var:
+        """conv(x) + bias (+ ``residual`` [B,out,F,H,W])."""
         w = self.weight
         x = x.cast(w.dtype)
         b, c, f, h, wd = x.shape
@@ -253,8 +258,9 @@ class TemporalConv(nn.Module):
         p = k // 2
         if not jt.flags.use_cuda:
             # a (k,1) 2-D convolution over [B,C,F,H*W]: one oneDNN call, no layout change
+            r = None if residual is None else residual.reshape(b, self.out_channels, f, h * wd)
             y = conv_cpu.conv2d(x.float32().reshape(b, c, f, h * wd), w.float32().reshape(*w.shape[:3], 1),
-                                self.bias, 1, (p, 0))
+                                self.bias, 1, (p, 0), r)
             if y is not None:
                 return y.reshape(b, self.out_channels, f, h, wd).cast(x.dtype)
         # [B,C,F,H*W] -> [B,F,H*W,C] so each tap is one matmul over channels
@@ -269,7 +275,8 @@ class TemporalConv(nn.Module):
             out = y if out is None else out + y
         out = out + self.bias
         out = out.reshape(b, f, h * wd, self.out_channels).transpose(0, 3, 1, 2)
-        return out.reshape(b, self.out_channels, f, h, wd)
+        out = out.reshape(b, self.out_channels, f, h, wd)
+        return out if residual is None else out + residual.cast(out.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,9 +333,8 @@ class ResnetBlock2D(nn.Module):
         h = self.conv1(self.norm1(x, act="silu"))
         if self.time_emb_proj is not None and temb is not None:
             h = h + self.time_emb_proj(silu(temb)).reshape(temb.shape[0], -1, 1, 1).cast(h.dtype)
-        h = self.conv2(self.norm2(h, act="silu"))
-        skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x.cast(h.dtype)
-        return skip + h
+        skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        return self.conv2(self.norm2(h, act="silu"), residual=skip)  # skip + conv2(..), one pass
 
 
 class TemporalResnetBlock(nn.Module):
@@ -348,8 +354,7 @@ class TemporalResnetBlock(nn.Module):
         if self.time_emb_proj is not None and temb is not None:
             t = self.time_emb_proj(silu(temb))  # [B,F,C]
             h = h + t.transpose(0, 2, 1).reshape(t.shape[0], t.shape[2], t.shape[1], 1, 1).cast(h.dtype)
-        h = self.conv2(self.norm2(h, act="silu"))
-        return x.cast(h.dtype) + h
+        return self.conv2(self.norm2(h, act="silu"), residual=x)  # x + conv2(..), one pass
 
 
 class AlphaBlender(nn.Module):
@@ -424,7 +429,7 @@ class Downsample2D(nn.Module):
 
     def execute(self, x: Var) -> Var:
         if self.padding_mode == "vae":
-            x = nn.pad(x, (0, 1, 0, 1))
+            return self.conv(x, padding=(0, 0, 1, 1))
         return self.conv(x)
 
 

@@ -1,14 +1,18 @@
-"""CPU convolution and GEMM backend of the Jittor networks: oneDNN from the system (Debian ``libdnnl-dev``).
+"""CPU convolution, linear and attention backend of the Jittor networks: oneDNN from the system (Debian
+``libdnnl-dev``).
 
-Jittor ships its oneDNN ops (``jittor/extern/mkl/ops``: ``mkl_conv``, ``mkl_matmul``) but would download
-oneDNN 2.2.0 to build them (``use_mkl=1``), which cannot work offline, so :mod:`daemon.jittor_env` sets
-``use_mkl=0``. Here the same op sources are compiled once against the system's oneDNN 2.x (same API; the
-kernel cache keeps the build) and called directly: no Jittor tuner pass is involved.
+Jittor ships oneDNN ops (``jittor/extern/mkl/ops``) but would download oneDNN 2.2.0 to build them
+(``use_mkl=1``), which cannot work offline, so :mod:`daemon.jittor_env` sets ``use_mkl=0``. Here Jittor's
+``mkl_matmul`` and geometryd's own ops (``daemon/model/cpu_ops``: ``cpu_conv`` with bias and residual
+inside the primitive, ``cpu_linear``, the fused ``cpu_attention``) are compiled once against the system's
+oneDNN 2.x (the kernel cache keeps the build) and called directly: no Jittor tuner pass is involved.
+Jittor's own CPU kernels are single-threaded; these run on all cores (oneDNN's and OpenMP threads).
 
 Backends (``GEOMETRYD_CPU_CONV`` overrides the choice): ``onednn`` when ``dnnl.hpp`` and ``libdnnl.so`` are
 found (``GEOMETRYD_DNNL_PREFIX``, default ``/usr``), else ``im2col`` (shifted slices + Jittor's own loop
 matmul, no dependency, ~10x slower). oneDNN's kernels are prebuilt: Jittor's ``-Ofast`` does not touch their
-arithmetic (fp32 with fp32 accumulation, like torch's CPU kernels).
+arithmetic (fp32 with fp32 accumulation, like torch's CPU kernels); the softmax loop of ``cpu_attention``
+is compiled with it (vectorised exp).
 """
 
 from __future__ import annotations
@@ -29,10 +33,10 @@ Var = Any  # jittor.Var
 
 ONEDNN, IM2COL = "onednn", "im2col"
 _BACKENDS = (ONEDNN, IM2COL)
-_OPS = ("mkl_conv", "mkl_matmul")
+_OPS = ("mkl_matmul",)
 # geometryd's own oneDNN-backed ops (daemon/model/cpu_ops), built in the same module as Jittor's
 _OWN_OPS_DIR = Path(__file__).resolve().parent / "cpu_ops"
-_OWN_OPS = ("cpu_attention", "cpu_linear")
+_OWN_OPS = ("cpu_attention", "cpu_conv", "cpu_linear")
 _state: dict[str, Any] = {}
 
 
@@ -129,17 +133,27 @@ def _ops() -> ModuleType | None:
     return _state["ops"]
 
 
-def conv2d(x: Var, w: Var, b: Var | None, stride: int, padding: int | tuple[int, int]) -> Var | None:
-    """fp32 NCHW convolution (zero padding, ``padding`` int or (h, w)) through oneDNN, or None when that
-    backend is off (the caller falls back)."""
+def conv2d(
+    x: Var, w: Var, b: Var | None, stride: int, padding: int | tuple[int, ...], residual: Var | None = None
+) -> Var | None:
+    """fp32 NCHW convolution + bias (+ ``residual`` of the output's shape) as one oneDNN primitive
+    (``cpu_ops/cpu_conv_op``), or None when that backend is off (the caller falls back). ``padding``
+    (zeros): int, (h, w), or (top, left, bottom, right)."""
     ops = _ops()
     if ops is None or x.dtype != "float32" or w.dtype != "float32":
         return None
-    ph, pw = (padding, padding) if isinstance(padding, int) else padding
-    y = ops.mkl_conv(x, w, stride, stride, ph, pw)
-    if b is not None:
-        y = y + b.float32().reshape(1, -1, 1, 1)
-    return y
+    pads: tuple[int, ...]
+    if isinstance(padding, int):
+        pads = (padding,) * 4
+    elif len(padding) == 2:
+        pads = (padding[0], padding[1], padding[0], padding[1])
+    else:
+        pads = tuple(padding)
+    if len(pads) != 4:
+        raise ValueError(f"padding must be an int, (h, w) or (top, left, bottom, right), got {padding}")
+    bias = b.float32() if b is not None else import_jittor().zeros((w.shape[0],), "float32")
+    inputs = [x, w, bias] if residual is None else [x, w, bias, residual.float32()]
+    return ops.cpu_conv(inputs, stride, *pads)
 
 
 def matmul2d(a: Var, b: Var) -> Var | None:

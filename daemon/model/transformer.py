@@ -80,6 +80,7 @@ class GEGLU(nn.Module):
     def execute(self, x: Var) -> Var:
         # two products on the row halves of the weight: cheaper than slicing the [.., 2*inner] activation
         w, b, n = self.proj.weight, self.proj.bias, self.inner
+        assert b is not None  # GEGLU's projection has a bias
         return linear(x, w[:n], b[:n]) * gelu(linear(x, w[n:], b[n:]))
 
 

@@ -54,6 +54,35 @@ def test_conv2d_matches_torch(ci: int, co: int, k: int, stride: int, padding: in
     assert _rel(got, want) <= 5e-7
 
 
+def _conv_residual_pad_case() -> tuple[float, float, float]:
+    """Relative errors vs torch of: conv + residual (one primitive), conv with (top, left, bottom, right)
+    padding (the VAE downsampler's right/bottom pad), and the temporal conv + residual."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 8, 9, 11)).astype(np.float32)
+    r = rng.standard_normal((2, 16, 9, 11)).astype(np.float32)
+    conv = Conv2d(8, 16, 3, padding=1)
+    tw, tb = torch.from_numpy(conv.weight.numpy()), torch.from_numpy(conv.bias.numpy())
+    want_r = (torch.from_numpy(r) + F.conv2d(torch.from_numpy(x), tw, tb, 1, 1)).numpy()
+    err_r = _rel(conv(jt.array(x), residual=jt.array(r)).numpy(), want_r)
+    down = Conv2d(8, 16, 3, stride=2, padding=0)
+    dw, db = torch.from_numpy(down.weight.numpy()), torch.from_numpy(down.bias.numpy())
+    want_p = F.conv2d(F.pad(torch.from_numpy(x), (0, 1, 0, 1)), dw, db, 2).numpy()
+    got_p = down(jt.array(x), padding=(0, 0, 1, 1)).numpy()
+    assert got_p.shape == want_p.shape
+    err_p = _rel(got_p, want_p)
+    x5 = rng.standard_normal((2, 16, 5, 3, 4)).astype(np.float32)
+    tc = TemporalConv(16, 16, 3)
+    want_t = (torch.from_numpy(x5) + F.conv3d(torch.from_numpy(x5), torch.from_numpy(tc.weight.numpy()),
+                                              torch.from_numpy(tc.bias.numpy()), padding=(1, 0, 0))).numpy()
+    err_t = _rel(tc(jt.array(x5), residual=jt.array(x5)).numpy(), want_t)
+    return err_r, err_p, err_t
+
+
+def test_conv_with_residual_and_explicit_padding_matches_torch() -> None:
+    assert conv_cpu.backend()[0] == conv_cpu.ONEDNN
+    assert max(_conv_residual_pad_case()) <= 5e-7
+
+
 def test_fp16_conv_computes_in_fp32_and_rounds_once() -> None:
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 16, 8, 8)).astype(np.float16)
@@ -165,8 +194,11 @@ def test_im2col_fallback_is_selectable_and_agrees() -> None:
             "c = Conv2d(8, 16, 3, stride=2, padding=1)\n"
             "w = F.conv2d(torch.from_numpy(x), torch.from_numpy(c.weight.numpy()), torch.from_numpy(c.bias.numpy()),"
             " 2, 1).numpy()\n"
-            "g = c(jt.array(x)).numpy()\nassert np.abs(g - w).max() / np.abs(w).max() <= 1.5e-6\nprint('OK')\n")
-    env = {**os.environ, "GEOMETRYD_CPU_CONV": "im2col", "PYTHONPATH": str(ROOT)}
+            "g = c(jt.array(x)).numpy()\nassert np.abs(g - w).max() / np.abs(w).max() <= 1.5e-6\n"
+            "from test_conv_cpu import _conv_residual_pad_case\n"
+            "assert max(_conv_residual_pad_case()) <= 1.5e-6, _conv_residual_pad_case()\nprint('OK')\n")
+    env = {**os.environ, "GEOMETRYD_CPU_CONV": "im2col",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent), str(ROOT / "tests")])}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     env["GEOMETRYD_CPU_CONV"] = "cudnn"
