@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from daemon.frames import FrameResult
 from daemon.intrinsics import project_known
-from daemon.model import resample
+from daemon.model import fp16, resample
 from daemon.model.metric_scale import MetricScale, window_factor
 from daemon.model.prior_post import PriorStats, compute_stats, prior_to_x4
 from daemon.model.scheduler import EulerKarrasSchedule, load_scheduler_config, schedule_from_config
@@ -288,51 +288,19 @@ def _frames_to_unit(frames: np.ndarray) -> np.ndarray:
 
 
 def round_to_fp16(x: np.ndarray) -> np.ndarray:
-    """float32 -> the float32 value of ``x.astype(float16)`` (round to nearest even), in place when possible.
-
-    numpy's float16 casts are scalar loops (~13x a float32 pass on the 2-core box); this rounds the float32
-    bit pattern at the fp16 mantissa width instead, with fp16's subnormal range (|x| < 2^-14, a fixed step of
-    2^-24) rounded by adding and removing 0.75. Checked against the cast on edge cases and 1.2 M random values
-    (tests/pipeline/test_glue_fast.py) and on the float32 values of [-1, 1] an exhaustive run reached (no
-    mismatch).
-    Values
-    outside the fp16 range (or NaN) take numpy's cast.
-    """
-    x = np.ascontiguousarray(x, np.float32)
-    big = np.abs(x).max(initial=0.0)
-    if not big < np.float32(65504.0):
-        return x.astype(np.float16).astype(np.float32)
-    bits = x.view(np.uint32)
-    r = np.right_shift(bits, np.uint32(13))
-    np.bitwise_and(r, np.uint32(1), out=r)
-    r += np.uint32(0x0FFF)
-    r += bits
-    np.bitwise_and(r, np.uint32(0xFFFFE000), out=r)
-    out = r.view(np.float32)
-    small = np.abs(x) < np.float32(2.0**-14)
-    if small.any():
-        xs = x[small]
-        t = xs + np.float32(0.75)
-        t -= np.float32(0.75)
-        out[small] = np.copysign(t, xs)
-    return out
+    """float32 -> the float32 value of ``x.astype(float16)`` (round to nearest even), a new array
+    (:func:`daemon.model.fp16.round_to_fp16`: float32/uint32 passes over cached chunks)."""
+    return fp16.round_to_fp16(x)
 
 
 def to_signed_unit(v: np.ndarray, ld: type) -> np.ndarray:
     """Spec 4.3.1: v in [0,1] -> 2v - 1 computed in the latent dtype, returned as float32 (what the encoders
-    take; in fp16 mode the values are exactly the fp16 ones).
-
-    fp16: upstream computes ``v * 2 - 1`` in fp16. For fp16 v both steps are exact in float32 (2v is, and
-    2v - 1 of an 11-bit mantissa fits), so computing in float32 and rounding once gives the same fp16 values
-    (checked on every fp16 value in [0, 1], tests/pipeline/test_glue_fast.py); the roundings to fp16 run on
-    float32 bits (:func:`round_to_fp16`).
-    """
-    w = np.array(v, np.float32)
-    if ld != np.float32:
-        w = round_to_fp16(w)
-    np.multiply(w, np.float32(2.0), out=w)
-    np.subtract(w, np.float32(1.0), out=w)
-    return w if ld == np.float32 else round_to_fp16(w)
+    take; in fp16 mode the values are exactly the fp16 ones: :func:`daemon.model.fp16.signed_unit_fp16`,
+    checked on every fp16 value in [0, 1], tests/pipeline/test_glue_fast.py)."""
+    if ld == np.float32:
+        w = np.multiply(v, np.float32(2.0), dtype=np.float32)
+        return np.subtract(w, np.float32(1.0), out=w)
+    return fp16.signed_unit_fp16(v)
 
 
 def frames_at_size(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
