@@ -126,9 +126,10 @@ def numpy_steps(d: dict) -> dict[str, Callable[[], Any]]:
         bank = P.NoiseBank(d["noise"], sched.init_noise_sigma, overlap, stride)
         x = bank.take(window)
         x = P.GeometryCrafter.renoise(_GC, x, d["prev"][:, -overlap:], overlap, sched)
+        sample = np.empty((*x.shape[:2], 12, *x.shape[3:]), x.dtype)  # like denoise_window: one buffer
+        sample[:, :, 4:8], sample[:, :, 8:] = d["vlat"], d["plat"]
         for i in range(sched.num_steps):
-            inp = sched.scale_model_input(x, i)
-            np.concatenate([inp, d["vlat"], d["plat"]], axis=2)
+            sched.scale_model_input(x, i, out=sample[:, :, :4])
             x = sched.step(d["u"], i, x)
         return x
 

@@ -134,7 +134,10 @@ class NoiseBank:
     def __init__(self, noise: np.ndarray, init_noise_sigma: np.float32, overlap: int, stride: int) -> None:
         noise = noise if noise.ndim == 5 else noise[None]
         # fp16 noise times an fp32 scalar: computed in fp32, rounded once (CUDA opmath)
-        self.bank = (noise.astype(np.float32) * init_noise_sigma).astype(noise.dtype)
+        if noise.dtype == np.float16:
+            self.bank = fp16.fused_f16(lambda n, rnd: np.multiply(n, init_noise_sigma, out=n), (noise,), 0)
+        else:
+            self.bank = (noise.astype(np.float32) * init_noise_sigma).astype(noise.dtype)
         self.overlap = overlap
         self.stride = stride
         self.window = self.bank.shape[1]
@@ -163,18 +166,44 @@ def stitch(latents: np.ndarray | None, x: np.ndarray, overlap: int) -> np.ndarra
     if overlap == 0:
         return np.concatenate([latents, x], axis=1)
     w = np.linspace(0.0, 1.0, overlap).astype(np.float32)[None, :, None, None, None]
+    n_old = latents.shape[1]
+    out = np.empty((latents.shape[0], n_old + x.shape[1] - overlap, *latents.shape[2:]), latents.dtype)
+    out[:, : n_old - overlap] = latents[:, : n_old - overlap]
+    out[:, n_old:] = x[:, overlap:]
+    if latents.dtype == np.float16 and x.dtype == np.float16:
+        for j in range(overlap):  # one weight per frame: a fused pass per frame
+            wj, cj = w.flat[j], np.float32(1.0) - w.flat[j]
+
+            def blend(new: np.ndarray, old: np.ndarray, t: np.ndarray, rnd: fp16.Rounder,
+                      wj: np.float32 = wj, cj: np.float32 = cj) -> np.ndarray:
+                np.multiply(new, wj, out=t)
+                np.multiply(old, cj, out=old)
+                return np.add(t, old, out=t)
+
+            out[:, n_old - overlap + j] = fp16.fused_f16(blend, (x[:, j], latents[:, n_old - overlap + j]), 1)
+        return out
     new = x[:, :overlap].astype(np.float32)
     old = latents[:, -overlap:].astype(np.float32)
     blended = w * new + (np.float32(1.0) - w) * old
-    out = latents.copy()
-    out[:, -overlap:] = blended.astype(latents.dtype)
-    return np.concatenate([out, x[:, overlap:]], axis=1)
+    out[:, n_old - overlap : n_old] = blended.astype(latents.dtype)
+    return out
 
 
 def classifier_free_guidance(cond: np.ndarray, uncond: np.ndarray, scale: float) -> np.ndarray:
     """Upstream ``noise_pred_uncond + guidance_scale * (noise_pred - noise_pred_uncond)`` in the latent dtype:
     each op formed in float32 and rounded once to it (torch's CUDA fp16 kernels, python-float scalar)."""
     ld = cond.dtype
+    if ld == np.float16 and uncond.dtype == np.float16:
+        g = np.float32(scale)
+
+        def kernel(c: np.ndarray, un: np.ndarray, rnd: fp16.Rounder) -> np.ndarray:
+            np.subtract(c, un, out=c)
+            rnd(c)
+            np.multiply(c, g, out=c)
+            rnd(c)
+            return np.add(un, c, out=c)
+
+        return fp16.fused_f16(kernel, (cond, uncond), n_tmp=0)
     diff = (cond.astype(np.float32) - uncond.astype(np.float32)).astype(ld)
     scaled = (np.float32(scale) * diff.astype(np.float32)).astype(ld)
     return (uncond.astype(np.float32) + scaled.astype(np.float32)).astype(ld)
@@ -500,9 +529,12 @@ class GeometryCrafter:
                 progress(1)
             return (-u).astype(ld)
         assert x is not None and schedule is not None
+        c = x.shape[2]
+        sample = np.empty((*x.shape[:2], c + vlat.shape[2] + plat.shape[2], *x.shape[3:]), ld)
+        sample[:, :, c : c + vlat.shape[2]] = vlat  # channel order: noisy, video, prior
+        sample[:, :, c + vlat.shape[2] :] = plat
         for i in range(schedule.num_steps):
-            inp = schedule.scale_model_input(x, i)
-            sample = np.concatenate([inp, vlat, plat], axis=2)  # channel order: noisy, video, prior
+            inp = schedule.scale_model_input(x, i, out=sample[:, :, :c])
             u = _np(self.unet(sample, float(schedule.timesteps[i]), emb, ids)).astype(ld)
             self._after_call()
             if guidance_scale > 1.0:
@@ -534,16 +566,28 @@ class GeometryCrafter:
     @staticmethod
     def latents_to_z(latents: np.ndarray) -> np.ndarray:
         """Stitched latents (1,n,4,h,w) -> decoder input (n,4,h,w) fp32 (spec 4.6 last step)."""
-        return latents[0].astype(np.float32) * np.float32(1.0 / VAE_SCALING)
+        z = fp16.to_f32(latents[0]) if latents.dtype == np.float16 else latents[0].astype(np.float32)
+        return np.multiply(z, np.float32(1.0 / VAE_SCALING), out=z)
 
     def renoise(
         self, x: np.ndarray, tail: np.ndarray, overlap: int, schedule: EulerKarrasSchedule
     ) -> np.ndarray:
         """Spec 4.4 step 2b: x[:, :overlap] = A_tail + x[:, :overlap] / init_noise_sigma * sigma_0."""
         ld = self.latent_dtype
-        n = (x[:, :overlap].astype(np.float32) / schedule.init_noise_sigma).astype(ld)
-        n = (n.astype(np.float32) * schedule.sigmas[0]).astype(ld)
+        init, sigma0 = schedule.init_noise_sigma, schedule.sigmas[0]
         x = x.copy()
+        if ld == np.float16 and x.dtype == np.float16 and tail.dtype == np.float16:
+            def kernel(xf: np.ndarray, tf: np.ndarray, rnd: fp16.Rounder) -> np.ndarray:
+                np.divide(xf, init, out=xf)
+                rnd(xf)
+                np.multiply(xf, sigma0, out=xf)
+                rnd(xf)
+                return np.add(tf, xf, out=xf)
+
+            x[:, :overlap] = fp16.fused_f16(kernel, (x[:, :overlap], tail), n_tmp=0)
+            return x
+        n = (x[:, :overlap].astype(np.float32) / init).astype(ld)
+        n = (n.astype(np.float32) * sigma0).astype(ld)
         x[:, :overlap] = (tail.astype(np.float32) + n.astype(np.float32)).astype(ld)
         return x
 

@@ -38,6 +38,17 @@ def _chunks(n: int, body: Callable[[int, int], None]) -> None:
         body(s, min(s + CHUNK, n))
 
 
+class _Scratch:
+    """Chunk-sized uint32 scratch buffers (reused across chunks; allocating per chunk costs mmap calls)."""
+
+    def __init__(self, n: int, k: int = 3) -> None:
+        m = max(min(CHUNK, n), 1)
+        self.bufs = [np.empty(m, np.uint32) for _ in range(k)]
+
+    def get(self, i: int, k: int) -> np.ndarray:
+        return self.bufs[i][:k]
+
+
 def _round_abs(xb: np.ndarray, ab: np.ndarray, cb: np.ndarray, y: np.ndarray) -> bool:
     """|x| rounded to the fp16 grid into ``y`` (float32), from x's bits ``xb``; scratch ``ab``, ``cb``
     (uint32). False (y undefined) when the chunk needs the cast's overflow rules."""
@@ -61,16 +72,16 @@ def round_to_fp16(x: np.ndarray) -> np.ndarray:
     out = np.empty_like(flat)
     ob = out.view(np.uint32)
     xb = flat.view(np.uint32)
-    ab = np.empty(min(CHUNK, flat.size), np.uint32)
-    cb = np.empty_like(ab)
+    sc = _Scratch(flat.size, 2)
 
     def body(s: int, e: int) -> None:
         k = e - s
-        if not _round_abs(xb[s:e], ab[:k], cb[:k], out[s:e]):
+        ab, cb = sc.get(0, k), sc.get(1, k)
+        if not _round_abs(xb[s:e], ab, cb, out[s:e]):
             out[s:e] = flat[s:e].astype(np.float16)
             return
-        np.bitwise_and(xb[s:e], ~_ABS, out=ab[:k])  # the sign of x (a -0 result keeps it, like the cast)
-        np.bitwise_or(ob[s:e], ab[:k], out=ob[s:e])
+        np.bitwise_and(xb[s:e], ~_ABS, out=ab)  # the sign of x (a -0 result keeps it, like the cast)
+        np.bitwise_or(ob[s:e], ab, out=ob[s:e])
 
     _chunks(flat.size, body)
     return out.reshape(x.shape)
@@ -82,21 +93,12 @@ def to_f16(x: np.ndarray) -> np.ndarray:
     flat = x.reshape(-1)
     out = np.empty(flat.shape, np.float16)
     ou = out.view(np.uint16)
-    xb = flat.view(np.uint32)
-    m = min(CHUNK, flat.size)
-    ab, cb, y = np.empty(m, np.uint32), np.empty(m, np.uint32), np.empty(m, np.float32)
+    sc = _Scratch(flat.size, 2)
+    y = np.empty(max(min(CHUNK, flat.size), 1), np.float32)
 
     def body(s: int, e: int) -> None:
         k = e - s
-        if not _round_abs(xb[s:e], ab[:k], cb[:k], y[:k]):
-            out[s:e] = flat[s:e].astype(np.float16)
-            return
-        np.multiply(y[:k], _TO_F16, out=y[:k])
-        yb = y[:k].view(np.uint32)
-        np.right_shift(yb, np.uint32(13), out=yb)
-        np.right_shift(xb[s:e], np.uint32(16), out=ab[:k])
-        np.bitwise_and(ab[:k], _SIGN16, out=ab[:k])
-        np.bitwise_or(yb, ab[:k], out=ou[s:e], casting="unsafe")
+        _bits16_from_f32(flat[s:e], ou[s:e], sc.get(0, k), sc.get(1, k), y[:k])
 
     _chunks(flat.size, body)
     return out.reshape(x.shape)
@@ -107,23 +109,8 @@ def to_f32(h: np.ndarray) -> np.ndarray:
     h = np.ascontiguousarray(h, np.float16)
     flat = h.view(np.uint16).reshape(-1)
     out = np.empty(flat.shape, np.float32)
-    ob = out.view(np.uint32)
-    sb = np.empty(min(CHUNK, flat.size), np.uint32)
-
-    def body(s: int, e: int) -> None:
-        k = e - s
-        o = ob[s:e]
-        np.bitwise_and(flat[s:e], np.uint16(0x7FFF), out=o, casting="unsafe")
-        if o.max(initial=np.uint32(0)) >= 0x7C00:  # inf / NaN
-            out[s:e] = h.reshape(-1)[s:e].astype(np.float32)
-            return
-        np.left_shift(o, np.uint32(13), out=o)
-        np.multiply(out[s:e], _TO_F32, out=out[s:e])
-        np.bitwise_and(flat[s:e], np.uint16(0x8000), out=sb[:k], casting="unsafe")
-        np.left_shift(sb[:k], np.uint32(16), out=sb[:k])
-        np.bitwise_or(o, sb[:k], out=o)
-
-    _chunks(flat.size, body)
+    sc = _Scratch(flat.size, 1)
+    _chunks(flat.size, lambda s, e: _f32_from_bits16(flat[s:e], out[s:e], sc.get(0, e - s)))
     return out.reshape(h.shape)
 
 
@@ -139,8 +126,7 @@ def signed_unit_fp16(v: np.ndarray) -> np.ndarray:
     flat = v.reshape(-1)
     out = np.empty_like(flat)
     xb = flat.view(np.uint32)
-    m = min(CHUNK, flat.size)
-    ab, cb = np.empty(m, np.uint32), np.empty(m, np.uint32)
+    sc = _Scratch(flat.size, 2)
 
     def body(s: int, e: int) -> None:
         k = e - s
@@ -151,10 +137,90 @@ def signed_unit_fp16(v: np.ndarray) -> np.ndarray:
             np.subtract(w, np.float32(1.0), out=w)
             o[:] = round_to_fp16(w)
             return
-        _round_abs(xb[s:e], ab[:k], cb[:k], o)  # in [0, 1]: always the fast path; |x| = x
+        _round_abs(xb[s:e], sc.get(0, k), sc.get(1, k), o)  # in [0, 1]: always the fast path; |x| = x
         np.multiply(o, np.float32(2.0), out=o)
         np.add(o, np.float32(6143.0), out=o)
         np.subtract(o, np.float32(6144.0), out=o)
 
     _chunks(flat.size, body)
     return out.reshape(v.shape)
+
+
+def _f32_from_bits16(hb: np.ndarray, out: np.ndarray, sb: np.ndarray) -> None:
+    """fp16 bits ``hb`` (uint16 chunk) -> float32 ``out`` (the cast's bits); ``sb`` uint32 scratch."""
+    o = out.view(np.uint32)
+    np.bitwise_and(hb, np.uint16(0x7FFF), out=o, casting="unsafe")
+    if o.max(initial=np.uint32(0)) >= 0x7C00:  # inf / NaN
+        out[:] = hb.view(np.float16).astype(np.float32)
+        return
+    np.left_shift(o, np.uint32(13), out=o)
+    np.multiply(out, _TO_F32, out=out)
+    np.bitwise_and(hb, np.uint16(0x8000), out=sb, casting="unsafe")
+    np.left_shift(sb, np.uint32(16), out=sb)
+    np.bitwise_or(o, sb, out=o)
+
+
+def _bits16_from_f32(x: np.ndarray, out: np.ndarray, ab: np.ndarray, cb: np.ndarray, y: np.ndarray) -> None:
+    """float32 chunk ``x`` -> fp16 bits ``out`` (uint16, the cast's); scratch ``ab``, ``cb`` (uint32),
+    ``y`` (float32)."""
+    xb = x.view(np.uint32)
+    if not _round_abs(xb, ab, cb, y):
+        out[:] = x.astype(np.float16).view(np.uint16)
+        return
+    np.multiply(y, _TO_F16, out=y)
+    yb = y.view(np.uint32)
+    np.right_shift(yb, np.uint32(13), out=yb)
+    np.right_shift(xb, np.uint32(16), out=ab)
+    np.bitwise_and(ab, _SIGN16, out=ab)
+    np.bitwise_or(yb, ab, out=out, casting="unsafe")
+
+
+def _round_in_place(x: np.ndarray, ab: np.ndarray, cb: np.ndarray, y: np.ndarray) -> None:
+    """float32 chunk ``x`` -> its fp16 value, in place."""
+    xb = x.view(np.uint32)
+    if not _round_abs(xb, ab, cb, y):
+        x[:] = x.astype(np.float16)
+        return
+    np.bitwise_and(xb, ~_ABS, out=ab)
+    yb = y.view(np.uint32)
+    np.bitwise_or(yb, ab, out=xb)
+
+
+Kernel = Callable[..., np.ndarray]
+Rounder = Callable[[np.ndarray], None]
+
+
+def fused_f16(kernel: Kernel, inputs: tuple[np.ndarray, ...], n_tmp: int = 1) -> np.ndarray:
+    """One elementwise float32 computation on fp16 arrays, chunk by chunk: ``kernel(*f32_inputs, *tmps,
+    rnd)`` gets each input chunk as float32 (exact), ``n_tmp`` float32 scratch chunks and ``rnd(a)``, which
+    rounds a float32 chunk to its fp16 value in place; it returns the float32 result chunk (one of its
+    buffers), stored rounded to fp16. All inputs have the shape of the first; returns a new fp16 array."""
+    shape = inputs[0].shape
+    flats = [np.ascontiguousarray(a, np.float16).view(np.uint16).reshape(-1) for a in inputs]
+    if any(f.size != flats[0].size for f in flats):
+        raise ValueError(f"fused_f16 needs inputs of one shape, got {[a.shape for a in inputs]}")
+    n = flats[0].size
+    out = np.empty(n, np.float16)
+    ou = out.view(np.uint16)
+    sc = _Scratch(n, 3)
+    m = max(min(CHUNK, n), 1)
+    f32 = [np.empty(m, np.float32) for _ in range(len(flats) + n_tmp + 1)]
+
+    def body(s: int, e: int) -> None:
+        k = e - s
+        ab, cb = sc.get(0, k), sc.get(1, k)
+        y = f32[-1][:k]
+
+        def rnd(a: np.ndarray) -> None:
+            _round_in_place(a, ab, cb, y)
+
+        args = []
+        for j, f in enumerate(flats):
+            _f32_from_bits16(f[s:e], f32[j][:k], sc.get(2, k))
+            args.append(f32[j][:k])
+        args += [f32[len(flats) + j][:k] for j in range(n_tmp)]
+        res = kernel(*args, rnd)
+        _bits16_from_f32(res, ou[s:e], ab, cb, y)
+
+    _chunks(n, body)
+    return out.reshape(shape)

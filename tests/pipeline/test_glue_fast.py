@@ -197,3 +197,75 @@ def test_decode_post_and_points_bit_exact(src, out, extract: bool) -> None:
         p1, z1 = P.points_from_maps(maps, ffx, ffy)
         p2, z2 = ref.points_from_maps_ref(maps.log_depth, ffx, ffy)
         assert _same(p1, p2) and _same(z1, z2)
+
+
+# ---- fp16 latent glue (daemon.model.fp16 kernels) against the old astype formulas ------------------
+
+
+def _latents(rng: np.random.Generator, f: int, scale: float = 1.0) -> np.ndarray:
+    return (rng.standard_normal((1, f, 4, 24, 40)).astype(np.float32) * np.float32(scale)).astype(np.float16)
+
+
+def _old_step(s, u: np.ndarray, i: int, x: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+    sigma, sigma_next = s.sigmas[i], s.sigmas[i + 1]
+    xf = x.astype(np.float32)
+    c_out = (-sigma / np.sqrt(sigma * sigma + np.float32(1.0))).astype(np.float32)
+    den = (u.astype(np.float32) * c_out).astype(u.dtype).astype(np.float32) + xf / (sigma * sigma + np.float32(1.0))
+    return (xf + (xf - den) / sigma * (sigma_next - sigma)).astype(u.dtype)
+
+
+def test_scheduler_fp16_fused_equals_old_formulas() -> None:
+    from daemon.model.scheduler import make_schedule
+
+    s = make_schedule(5)
+    rng = np.random.default_rng(10)
+    x = _latents(rng, 30, 700.0)  # 115 200 values: two chunks
+    for i in range(s.num_steps):
+        want_in = (x.astype(np.float32) / np.sqrt(s.sigmas[i] ** 2 + np.float32(1.0))).astype(np.float16)
+        assert _same(s.scale_model_input(x, i), want_in)
+        buf = np.empty((1, 30, 12, 24, 40), np.float16)
+        s.scale_model_input(x, i, out=buf[:, :, :4])
+        assert _same(buf[:, :, :4], want_in)
+        u = _latents(rng, 30)
+        want = _old_step(s, u, i, x)
+        x = s.step(u, i, x)
+        assert _same(x, want)
+
+
+def test_noise_bank_renoise_stitch_z_cfg_equal_old_formulas() -> None:
+    from daemon.model.scheduler import make_schedule
+
+    s = make_schedule(5)
+    rng = np.random.default_rng(11)
+    noise = _latents(rng, 22)
+    bank = P.NoiseBank(noise, s.init_noise_sigma, 5, 17)
+    assert _same(bank.bank, (noise.astype(np.float32) * s.init_noise_sigma).astype(np.float16))
+
+    x, tail = _latents(rng, 22, 700.0), _latents(rng, 5)
+    n = (x[:, :5].astype(np.float32) / s.init_noise_sigma).astype(np.float16)
+    n = (n.astype(np.float32) * s.sigmas[0]).astype(np.float16)
+    want = x.copy()
+    want[:, :5] = (tail.astype(np.float32) + n.astype(np.float32)).astype(np.float16)
+    gc = P.GeometryCrafter.__new__(P.GeometryCrafter)
+    gc.latent_dtype = np.float16
+    assert _same(gc.renoise(x, tail, 5, s), want)
+
+    for overlap in (0, 1, 5, 22):
+        prev, new = _latents(rng, 22), _latents(rng, 22)
+        if overlap == 0:
+            want = np.concatenate([prev, new], axis=1)
+        else:
+            w = np.linspace(0.0, 1.0, overlap).astype(np.float32)[None, :, None, None, None]
+            blended = w * new[:, :overlap].astype(np.float32) + (np.float32(1.0) - w) * prev[:, -overlap:].astype(
+                np.float32)
+            out = prev.copy()
+            out[:, -overlap:] = blended.astype(np.float16)
+            want = np.concatenate([out, new[:, overlap:]], axis=1)
+        assert _same(P.stitch(prev, new, overlap), want)
+    assert _same(P.GeometryCrafter.latents_to_z(prev), prev[0].astype(np.float32) * np.float32(1.0 / P.VAE_SCALING))
+
+    cond, uncond = _latents(rng, 22), _latents(rng, 22)
+    diff = (cond.astype(np.float32) - uncond.astype(np.float32)).astype(np.float16)
+    scaled = (np.float32(7.5) * diff.astype(np.float32)).astype(np.float16)
+    want = (uncond.astype(np.float32) + scaled.astype(np.float32)).astype(np.float16)
+    assert _same(P.classifier_free_guidance(cond, uncond, 7.5), want)
