@@ -227,21 +227,54 @@ def decode_post(
     a: np.ndarray, dl: np.ndarray, vl: np.ndarray, out_size: tuple[int, int], use_extract_interp: bool
 ) -> DecodedMaps:
     """a, dl, vl: (n, H, W) decoder heads at processing size -> maps at ``out_size`` (spec 4.7 steps 2-3)."""
-    if a.shape[-2:] != tuple(out_size):
-        if use_extract_interp:
-            dl = resample.resize(dl, out_size, "nearest_exact")
-            vl = resample.resize(vl, out_size, "nearest_exact")
-        else:
-            e = np.minimum(dl, np.float32(10.0))
-            dl = resample.resize(np.exp(e, out=e), out_size, "bilinear")
-            np.log(dl, out=dl)
-            vl = resample.resize(vl, out_size, "bilinear")
-        a = resample.resize(a, out_size, "bilinear")
     ho, wo = out_size
     diag = np.float32(np.sqrt(np.float32(wo * wo + ho * ho)))
-    fx = np.multiply(a, np.float32(wo) / diag, dtype=np.float32)
-    fy = np.multiply(a, np.float32(ho) / diag, dtype=np.float32)
+    kx, ky = np.float32(wo) / diag, np.float32(ho) / diag
+    if a.shape[-2:] != tuple(out_size) and not use_extract_interp:
+        return _decode_post_bilinear(a, dl, vl, (ho, wo), kx, ky)
+    if a.shape[-2:] != tuple(out_size):
+        dl = resample.resize(dl, out_size, "nearest_exact")
+        vl = resample.resize(vl, out_size, "nearest_exact")
+        a = resample.resize(a, out_size, "bilinear")
+    fx = np.multiply(a, kx, dtype=np.float32)
+    fy = np.multiply(a, ky, dtype=np.float32)
     return DecodedMaps(fx=fx, fy=fy, log_depth=np.asarray(dl, np.float32), valid=vl > 0)
+
+
+def _decode_post_bilinear(a: np.ndarray, dl: np.ndarray, vl: np.ndarray, out_size: tuple[int, int],
+                          kx: np.float32, ky: np.float32) -> DecodedMaps:
+    """:func:`decode_post` with bilinear resizes, fused per block of output rows: each block is resized
+    (two-tap passes, :func:`daemon.model.resample.bilinear_block`) and finished (log, the focal factors,
+    ``> 0``) while it is in cache, straight into the output maps; the same float32 operations in the same
+    order as resizing whole maps first."""
+    n, h, w = a.shape
+    ho, wo = out_size
+    e = np.minimum(np.asarray(dl, np.float32), np.float32(10.0))
+    np.exp(e, out=e)
+    a = np.ascontiguousarray(a, np.float32)
+    vl = np.ascontiguousarray(vl, np.float32)
+    fx, fy = np.empty((n, ho, wo), np.float32), np.empty((n, ho, wo), np.float32)
+    log_depth, valid = np.empty((n, ho, wo), np.float32), np.empty((n, ho, wo), bool)
+    ty, tx = resample.bilinear_taps(h, ho), resample.bilinear_taps(w, wo)
+    rb = resample.block_rows(wo)
+
+    def frames(i0: int, i1: int) -> None:
+        sc = resample.BilinearScratch(min(rb, ho), w, wo)
+        blk = np.empty((min(rb, ho), wo), np.float32)
+        for i in range(i0, i1):
+            for r0 in range(0, ho, rb):
+                r1 = min(r0 + rb, ho)
+                b = blk[: r1 - r0]
+                ld = resample.bilinear_block(e[i], ty, tx, r0, r1, log_depth[i, r0:r1], sc)
+                np.log(ld, out=ld)
+                resample.bilinear_block(vl[i], ty, tx, r0, r1, b, sc)
+                np.greater(b, np.float32(0.0), out=valid[i, r0:r1])
+                resample.bilinear_block(a[i], ty, tx, r0, r1, b, sc)
+                np.multiply(b, kx, out=fx[i, r0:r1])
+                np.multiply(b, ky, out=fy[i, r0:r1])
+
+    resample.split_frames(n, frames)
+    return DecodedMaps(fx=fx, fy=fy, log_depth=log_depth, valid=valid)
 
 
 def projected_focal(maps: DecodedMaps, per_frame: bool) -> tuple[np.ndarray, np.ndarray]:
