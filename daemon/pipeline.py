@@ -278,13 +278,31 @@ def _decode_post_bilinear(a: np.ndarray, dl: np.ndarray, vl: np.ndarray, out_siz
 
 
 def projected_focal(maps: DecodedMaps, per_frame: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Spec 4.7 step 4: mean(f * valid) / (mean(valid) + 1e-4) over all frames (or per frame)."""
-    axis = (1, 2) if per_frame else None
-    v = maps.valid.astype(np.float32)
-    den = np.mean(v, axis=axis, dtype=np.float64).astype(np.float32) + np.float32(1e-4)
-    fx = np.mean(maps.fx * v, axis=axis, dtype=np.float64).astype(np.float32) / den
-    fy = np.mean(maps.fy * v, axis=axis, dtype=np.float64).astype(np.float32) / den
-    return np.asarray(fx, np.float32), np.asarray(fy, np.float32)
+    """Spec 4.7 step 4: mean(f * valid) / (mean(valid) + 1e-4) over all frames (or per frame).
+
+    The means are float64 sums of the float32 products (the valid count exactly); per frame, each frame's
+    products are formed in a reused buffer and summed right away (the same sums as the whole-array mean
+    over axes (1, 2): numpy reduces each frame's contiguous pixels alike)."""
+    n, h, w = maps.valid.shape
+    size = np.float64(h * w) if per_frame else np.float64(n * h * w)
+    count = np.count_nonzero(maps.valid, axis=(1, 2) if per_frame else None)
+    den = (count / size).astype(np.float32) + np.float32(1e-4)
+    if not per_frame:
+        fx = np.mean(np.multiply(maps.fx, maps.valid), dtype=np.float64).astype(np.float32) / den
+        fy = np.mean(np.multiply(maps.fy, maps.valid), dtype=np.float64).astype(np.float32) / den
+        return np.asarray(fx, np.float32), np.asarray(fy, np.float32)
+    sums = np.empty((2, n), np.float64)
+
+    def frames(i0: int, i1: int) -> None:
+        buf = np.empty((h, w), np.float32)
+        for i in range(i0, i1):
+            for k, f in enumerate((maps.fx, maps.fy)):
+                np.multiply(f[i], maps.valid[i], out=buf)
+                sums[k, i] = np.add.reduce(buf, axis=None, dtype=np.float64)
+
+    resample.split_frames(n, frames)
+    means = (sums / size).astype(np.float32)
+    return means[0] / den, means[1] / den
 
 
 def points_from_maps(maps: DecodedMaps, fx: np.ndarray, fy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -292,3 +292,20 @@ def test_noise_bank_renoise_stitch_z_cfg_equal_old_formulas() -> None:
     scaled = (np.float32(7.5) * diff.astype(np.float32)).astype(np.float16)
     want = (uncond.astype(np.float32) + scaled.astype(np.float32)).astype(np.float16)
     assert _same(P.classifier_free_guidance(cond, uncond, 7.5), want)
+
+
+@pytest.mark.parametrize("shape", [(3, 72, 100), (5, 50, 38), (2, 576, 1024), (1, 7, 9)])
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_projected_focal_equals_old_formula(shape, per_frame: bool) -> None:
+    rng = np.random.default_rng(13)
+    fx, fy = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    valid = rng.random(shape) > 0.2
+    valid[0, :2] = False
+    maps = P.DecodedMaps(fx=fx, fy=fy, log_depth=fx, valid=valid)
+    axis = (1, 2) if per_frame else None
+    v = valid.astype(np.float32)  # 0.3.0's formula
+    den = np.mean(v, axis=axis, dtype=np.float64).astype(np.float32) + np.float32(1e-4)
+    want_x = np.asarray(np.mean(fx * v, axis=axis, dtype=np.float64).astype(np.float32) / den, np.float32)
+    want_y = np.asarray(np.mean(fy * v, axis=axis, dtype=np.float64).astype(np.float32) / den, np.float32)
+    got_x, got_y = P.projected_focal(maps, per_frame)
+    assert _same(got_x, want_x) and _same(got_y, want_y)
