@@ -291,6 +291,20 @@ def split_frames(n: int, work: Callable[[int, int], None]) -> None:
         f.result()
 
 
+def resize_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Bilinear resize of one float32 image ``x`` (h_in, w_in) into the C-contiguous float32 image ``out``
+    (h_out, w_out); the values of ``resize(x, out.shape, "bilinear")``."""
+    (h_in, w_in), (h_out, w_out) = x.shape, out.shape
+    ty, tx = bilinear_taps(h_in, h_out), bilinear_taps(w_in, w_out)
+    rb = block_rows(w_out)
+    sc = BilinearScratch(min(rb, h_out), w_in, w_out)
+    x = np.ascontiguousarray(x, np.float32)
+    for r0 in range(0, h_out, rb):
+        r1 = min(r0 + rb, h_out)
+        bilinear_block(x, ty, tx, r0, r1, out[r0:r1], sc)
+    return out
+
+
 def _bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of float32 images (..., h_in, w_in), block by block (:func:`bilinear_block`)."""
     lead, (h_in, w_in), (h_out, w_out) = x.shape[:-2], x.shape[-2:], size
