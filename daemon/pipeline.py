@@ -394,12 +394,14 @@ def frames_at_size(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if (h0, w0) == tuple(size):
         return _frames_to_unit(frames)
     xr = np.empty((h0, n, 3, w0), np.float32)
-    np.copyto(xr, frames.transpose(1, 0, 3, 2), casting="unsafe")
-    if frames.dtype == np.uint8:
-        np.divide(xr, np.float32(255.0), out=xr)
+    if frames.dtype == np.uint8:  # uint8 / float32 scalar: the float32 loop on the cast values, one pass
+        np.divide(frames.transpose(1, 0, 3, 2), np.float32(255.0), out=xr)
+    else:
+        np.copyto(xr, frames.transpose(1, 0, 3, 2), casting="unsafe")
     r = resample.resize_hnw(xr.reshape(h0, n * 3, w0), size, "bicubic_aa")  # (H, n*3, W)
-    np.clip(r, np.float32(0.0), np.float32(1.0), out=r)
-    return np.ascontiguousarray(r.reshape(size[0], n, 3, size[1]).transpose(1, 2, 0, 3))
+    out = np.empty((n, 3, size[0], size[1]), np.float32)
+    np.clip(r.reshape(size[0], n, 3, size[1]).transpose(1, 2, 0, 3), np.float32(0.0), np.float32(1.0), out=out)
+    return out
 
 
 def _check_prior(frames: np.ndarray, points: np.ndarray, mask: np.ndarray) -> None:
