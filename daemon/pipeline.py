@@ -400,7 +400,8 @@ def frames_at_size(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         np.copyto(xr, frames.transpose(1, 0, 3, 2), casting="unsafe")
     r = resample.resize_hnw(xr.reshape(h0, n * 3, w0), size, "bicubic_aa")  # (H, n*3, W)
     out = np.empty((n, 3, size[0], size[1]), np.float32)
-    np.clip(r.reshape(size[0], n, 3, size[1]).transpose(1, 2, 0, 3), np.float32(0.0), np.float32(1.0), out=out)
+    r4 = r.reshape(size[0], n, 3, size[1]).transpose(1, 2, 0, 3)
+    np.clip(r4, np.float32(0.0), np.float32(1.0), out=out)
     return out
 
 
