@@ -9,7 +9,7 @@ uint32 passes over chunks of :data:`CHUNK` elements (the chunk and its scratch b
   is rounded once, to nearest even, exactly as the cast rounds; ``(|x| + c) - c`` is then exact (Sterbenz);
 * fp16 bits from a value on the fp16 grid: ``y * 2^-112`` has the fp16 exponent and mantissa in its float32
   bits 13..27 (fp16 subnormals become float32 subnormals, exactly);
-* float32 from fp16 bits: the reverse, ``(bits << 13)`` as float32 times ``2^112``.
+* float32 from fp16 bits: a lookup in numpy's casts of all 65536 fp16 patterns.
 
 Chunks with a value of magnitude >= 2^15 (or inf/NaN: the overflow rules) take numpy's cast, so every
 input gives the cast's result. Checked against the casts on every fp16 bit pattern and on random and edge
@@ -30,7 +30,8 @@ _FAST_MAX = np.uint32((127 + 15) << 23)  # exponent field of 2^15: at and above 
 _SIGN16 = np.uint32(0x8000)
 _F32_SMALL = np.float32(0.75)  # 1.5 * 2^-1: the c of fp16's subnormal step 2^-24
 _TO_F16 = np.float32(2.0**-112)
-_TO_F32 = np.float32(2.0**112)
+# numpy's own cast of every fp16 bit pattern: float32 from fp16 is a lookup
+_F32_OF_F16 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
 def _chunks(n: int, body: Callable[[int, int], None]) -> None:
@@ -109,8 +110,7 @@ def to_f32(h: np.ndarray) -> np.ndarray:
     h = np.ascontiguousarray(h, np.float16)
     flat = h.view(np.uint16).reshape(-1)
     out = np.empty(flat.shape, np.float32)
-    sc = _Scratch(flat.size, 1)
-    _chunks(flat.size, lambda s, e: _f32_from_bits16(flat[s:e], out[s:e], sc.get(0, e - s)))
+    _chunks(flat.size, lambda s, e: _f32_from_bits16(flat[s:e], out[s:e]))
     return out.reshape(h.shape)
 
 
@@ -153,18 +153,10 @@ def signed_unit_fp16(v: np.ndarray) -> np.ndarray:
     return out.reshape(v.shape)
 
 
-def _f32_from_bits16(hb: np.ndarray, out: np.ndarray, sb: np.ndarray) -> None:
-    """fp16 bits ``hb`` (uint16 chunk) -> float32 ``out`` (the cast's bits); ``sb`` uint32 scratch."""
-    o = out.view(np.uint32)
-    np.bitwise_and(hb, np.uint16(0x7FFF), out=o, casting="unsafe")
-    if o.max(initial=np.uint32(0)) >= 0x7C00:  # inf / NaN
-        out[:] = hb.view(np.float16).astype(np.float32)
-        return
-    np.left_shift(o, np.uint32(13), out=o)
-    np.multiply(out, _TO_F32, out=out)
-    np.bitwise_and(hb, np.uint16(0x8000), out=sb, casting="unsafe")
-    np.left_shift(sb, np.uint32(16), out=sb)
-    np.bitwise_or(o, sb, out=o)
+def _f32_from_bits16(hb: np.ndarray, out: np.ndarray, sb: np.ndarray | None = None) -> None:
+    """fp16 bits ``hb`` (uint16 chunk) -> float32 ``out``: a lookup in the table of all 65536 casts (256 KiB,
+    cached; 4x the bit arithmetic)."""
+    np.take(_F32_OF_F16, hb, out=out, mode="clip")
 
 
 def _bits16_from_f32(x: np.ndarray, out: np.ndarray, ab: np.ndarray, cb: np.ndarray, y: np.ndarray) -> None:
@@ -209,7 +201,7 @@ def fused_f16(kernel: Kernel, inputs: tuple[np.ndarray, ...], n_tmp: int = 1) ->
     n = flats[0].size
     out = np.empty(n, np.float16)
     ou = out.view(np.uint16)
-    sc = _Scratch(n, 3)
+    sc = _Scratch(n, 2)
     m = max(min(CHUNK, n), 1)
     f32 = [np.empty(m, np.float32) for _ in range(len(flats) + n_tmp + 1)]
 
@@ -223,7 +215,7 @@ def fused_f16(kernel: Kernel, inputs: tuple[np.ndarray, ...], n_tmp: int = 1) ->
 
         args = []
         for j, f in enumerate(flats):
-            _f32_from_bits16(f[s:e], f32[j][:k], sc.get(2, k))
+            _f32_from_bits16(f[s:e], f32[j][:k])
             args.append(f32[j][:k])
         args += [f32[len(flats) + j][:k] for j in range(n_tmp)]
         res = kernel(*args, rnd)

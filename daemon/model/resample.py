@@ -8,6 +8,10 @@ chosen taps and the linear weights are the same); kernel weights are float64 and
 float32 (float64 for float64 input). PyTorch's own float32 cubic weights carry rounding of up to ~5e-7
 (cancellation in the Keys polynomial), so fp32-vs-fp32 agreement on bicubic is ~1e-6 while agreement with
 torch run in float64 is ~1e-7 (tests/model/test_resample.py).
+
+Speed: the matrices are applied as banded products (:func:`_bands`: each block of output rows reads only
+the inputs it needs); bilinear float32 resizes skip the matrices and run as two taps per axis on blocks of
+output rows that stay in cache (:func:`bilinear_block`), the same float32 values.
 """
 
 from __future__ import annotations
