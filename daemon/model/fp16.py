@@ -7,8 +7,8 @@ uint32 passes over chunks of :data:`CHUNK` elements (the chunk and its scratch b
 * rounding to the fp16 grid: adding ``c = 1.5 * 2^(e + 13)`` (e = the binade of ``|x|``, at least -14, fp16's
   subnormal step) moves ``|x|`` into a float32 binade whose step is the fp16 step of ``x``, so ``|x| + c``
   is rounded once, to nearest even, exactly as the cast rounds; ``(|x| + c) - c`` is then exact (Sterbenz);
-* fp16 bits from a value on the fp16 grid: ``y * 2^-112`` has the fp16 exponent and mantissa in its float32
-  bits 13..27 (fp16 subnormals become float32 subnormals, exactly);
+* fp16 bits from a value on the fp16 grid: its float32 bits shifted by 13 and re-biased (fp16 subnormals:
+  the mantissa bits of ``y + 0.5``), integer work that flush-to-zero cannot change;
 * float32 from fp16 bits: a lookup in numpy's casts of all 65536 fp16 patterns.
 
 Chunks with a value of magnitude >= 2^15 (or inf/NaN: the overflow rules) take numpy's cast, so every
@@ -29,7 +29,9 @@ _C_BIAS = np.uint32(0x06C00000)  # adds 13 to the exponent and sets the top mant
 _FAST_MAX = np.uint32((127 + 15) << 23)  # exponent field of 2^15: at and above it, numpy's cast
 _SIGN16 = np.uint32(0x8000)
 _F32_SMALL = np.float32(0.75)  # 1.5 * 2^-1: the c of fp16's subnormal step 2^-24
-_TO_F16 = np.float32(2.0**-112)
+_F16_MIN_NORMAL = np.float32(2.0**-14)
+_REBIAS = np.uint32((127 - 15) << 10)  # float32 exponent bias -> fp16's, in bits >> 13
+_HALF_BITS = np.uint32(0x3F000000)  # 0.5
 # numpy's own cast of every fp16 bit pattern: float32 from fp16 is a lookup
 _F32_OF_F16 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
@@ -161,17 +163,24 @@ def _f32_from_bits16(hb: np.ndarray, out: np.ndarray, sb: np.ndarray | None = No
 
 def _bits16_from_f32(x: np.ndarray, out: np.ndarray, ab: np.ndarray, cb: np.ndarray, y: np.ndarray) -> None:
     """float32 chunk ``x`` -> fp16 bits ``out`` (uint16, the cast's); scratch ``ab``, ``cb`` (uint32),
-    ``y`` (float32)."""
+    ``y`` (float32).
+
+    No float32 subnormal is formed (Jittor's -Ofast kernels set flush-to-zero in the daemon): a normal
+    fp16 value's bits are its float32 bits shifted and re-biased; the few subnormal ones (|y| < 2^-14) are
+    read off ``y + 0.5``, whose low mantissa bits are y / 2^-24."""
     xb = x.view(np.uint32)
     if not _round_abs(xb, ab, cb, y):
         out[:] = x.astype(np.float16).view(np.uint16)
         return
-    np.multiply(y, _TO_F16, out=y)
     yb = y.view(np.uint32)
-    np.right_shift(yb, np.uint32(13), out=yb)
+    small = y < _F16_MIN_NORMAL
+    np.right_shift(yb, np.uint32(13), out=cb)
+    np.subtract(cb, _REBIAS, out=cb)  # wraps for the small ones: replaced below
+    if small.any():
+        cb[small] = (y[small] + np.float32(0.5)).view(np.uint32) - _HALF_BITS
     np.right_shift(xb, np.uint32(16), out=ab)
     np.bitwise_and(ab, _SIGN16, out=ab)
-    np.bitwise_or(yb, ab, out=out, casting="unsafe")
+    np.bitwise_or(cb, ab, out=out, casting="unsafe")
 
 
 def _round_in_place(x: np.ndarray, ab: np.ndarray, cb: np.ndarray, y: np.ndarray) -> None:

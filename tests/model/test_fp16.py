@@ -67,3 +67,22 @@ def test_signed_unit_equals_fp16_arithmetic() -> None:
             h = v.astype(np.float16)
             want = (h * np.float16(2.0) - np.float16(1.0)).astype(np.float32)
         assert _bits_equal(fp16.signed_unit_fp16(v), want)
+
+
+def test_to_f16_under_flush_to_zero() -> None:
+    """Jittor's -Ofast CPU kernels set FTZ/DAZ for the thread that loads them (the daemon's main thread):
+    the conversions must not pass through float32 subnormals (the first version's y * 2^-112 did: fp16
+    subnormal results became 0, found by test order)."""
+    from daemon.jittor_env import import_jittor
+    from daemon.model.attention import attention
+
+    jt = import_jittor()
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((6, 37, 64)).astype(np.float32)
+    k = rng.standard_normal((6, 29, 64)).astype(np.float32)
+    attention(jt.array(q), jt.array(k), jt.array(k), max_bytes=12876).numpy()  # loads such a kernel
+    x = np.concatenate([rng.standard_normal(100_000).astype(np.float32) * np.float32(1e-6),
+                        ALL16[np.isfinite(ALL16)].astype(np.float32)])
+    assert _bits_equal(fp16.to_f16(x), x.astype(np.float16))
+    assert _bits_equal(fp16.round_to_fp16(x), x.astype(np.float16).astype(np.float32))
+    assert _bits_equal(fp16.to_f32(ALL16), ALL16.astype(np.float32))
