@@ -111,8 +111,10 @@ def numpy_steps(d: dict) -> dict[str, Callable[[], Any]]:
     x4 = prior_to_x4(d["points"][overlap:], d["mask"][overlap:], size, stats, nan_guard=True)
     heads = d["heads"]
 
-    def vae_inputs() -> Any:
-        return P.to_signed_unit(d["v01"], np.float16), np.repeat(x4[:, 2:3], 3, axis=1)
+    def vae_inputs() -> Any:  # as GeometryCrafter.encode
+        pseudo = np.empty((x4.shape[0], 3, *x4.shape[2:]), np.float32)
+        pseudo[:] = x4[:, 2:3]
+        return P.to_signed_unit(d["v01"], np.float16), pseudo
 
     def clip_input() -> Any:
         c = resample.resize224(d["v01"])
@@ -126,9 +128,10 @@ def numpy_steps(d: dict) -> dict[str, Callable[[], Any]]:
         bank = P.NoiseBank(d["noise"], sched.init_noise_sigma, overlap, stride)
         x = bank.take(window)
         x = P.GeometryCrafter.renoise(_GC, x, d["prev"][:, -overlap:], overlap, sched)
+        sample = np.empty((*x.shape[:2], 12, *x.shape[3:]), x.dtype)  # like denoise_window: one buffer
+        sample[:, :, 4:8], sample[:, :, 8:] = d["vlat"], d["plat"]
         for i in range(sched.num_steps):
-            inp = sched.scale_model_input(x, i)
-            np.concatenate([inp, d["vlat"], d["plat"]], axis=2)
+            sched.scale_model_input(x, i, out=sample[:, :, :4])
             x = sched.step(d["u"], i, x)
         return x
 

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from daemon.frames import FrameResult
 from daemon.intrinsics import project_known
-from daemon.model import resample
+from daemon.model import fp16, resample
 from daemon.model.metric_scale import MetricScale, window_factor
 from daemon.model.prior_post import PriorStats, compute_stats, prior_to_x4
 from daemon.model.scheduler import EulerKarrasSchedule, load_scheduler_config, schedule_from_config
@@ -134,7 +134,10 @@ class NoiseBank:
     def __init__(self, noise: np.ndarray, init_noise_sigma: np.float32, overlap: int, stride: int) -> None:
         noise = noise if noise.ndim == 5 else noise[None]
         # fp16 noise times an fp32 scalar: computed in fp32, rounded once (CUDA opmath)
-        self.bank = (noise.astype(np.float32) * init_noise_sigma).astype(noise.dtype)
+        if noise.dtype == np.float16:
+            self.bank = fp16.fused_f16(lambda n, rnd: np.multiply(n, init_noise_sigma, out=n), (noise,), 0)
+        else:
+            self.bank = (noise.astype(np.float32) * init_noise_sigma).astype(noise.dtype)
         self.overlap = overlap
         self.stride = stride
         self.window = self.bank.shape[1]
@@ -163,18 +166,44 @@ def stitch(latents: np.ndarray | None, x: np.ndarray, overlap: int) -> np.ndarra
     if overlap == 0:
         return np.concatenate([latents, x], axis=1)
     w = np.linspace(0.0, 1.0, overlap).astype(np.float32)[None, :, None, None, None]
+    n_old = latents.shape[1]
+    out = np.empty((latents.shape[0], n_old + x.shape[1] - overlap, *latents.shape[2:]), latents.dtype)
+    out[:, : n_old - overlap] = latents[:, : n_old - overlap]
+    out[:, n_old:] = x[:, overlap:]
+    if latents.dtype == np.float16 and x.dtype == np.float16:
+        for j in range(overlap):  # one weight per frame: a fused pass per frame
+            wj, cj = w.flat[j], np.float32(1.0) - w.flat[j]
+
+            def blend(new: np.ndarray, old: np.ndarray, t: np.ndarray, rnd: fp16.Rounder,
+                      wj: np.float32 = wj, cj: np.float32 = cj) -> np.ndarray:
+                np.multiply(new, wj, out=t)
+                np.multiply(old, cj, out=old)
+                return np.add(t, old, out=t)
+
+            out[:, n_old - overlap + j] = fp16.fused_f16(blend, (x[:, j], latents[:, n_old - overlap + j]), 1)
+        return out
     new = x[:, :overlap].astype(np.float32)
     old = latents[:, -overlap:].astype(np.float32)
     blended = w * new + (np.float32(1.0) - w) * old
-    out = latents.copy()
-    out[:, -overlap:] = blended.astype(latents.dtype)
-    return np.concatenate([out, x[:, overlap:]], axis=1)
+    out[:, n_old - overlap : n_old] = blended.astype(latents.dtype)
+    return out
 
 
 def classifier_free_guidance(cond: np.ndarray, uncond: np.ndarray, scale: float) -> np.ndarray:
     """Upstream ``noise_pred_uncond + guidance_scale * (noise_pred - noise_pred_uncond)`` in the latent dtype:
     each op formed in float32 and rounded once to it (torch's CUDA fp16 kernels, python-float scalar)."""
     ld = cond.dtype
+    if ld == np.float16 and uncond.dtype == np.float16:
+        g = np.float32(scale)
+
+        def kernel(c: np.ndarray, un: np.ndarray, rnd: fp16.Rounder) -> np.ndarray:
+            np.subtract(c, un, out=c)
+            rnd(c)
+            np.multiply(c, g, out=c)
+            rnd(c)
+            return np.add(un, c, out=c)
+
+        return fp16.fused_f16(kernel, (cond, uncond), n_tmp=0)
     diff = (cond.astype(np.float32) - uncond.astype(np.float32)).astype(ld)
     scaled = (np.float32(scale) * diff.astype(np.float32)).astype(ld)
     return (uncond.astype(np.float32) + scaled.astype(np.float32)).astype(ld)
@@ -198,31 +227,82 @@ def decode_post(
     a: np.ndarray, dl: np.ndarray, vl: np.ndarray, out_size: tuple[int, int], use_extract_interp: bool
 ) -> DecodedMaps:
     """a, dl, vl: (n, H, W) decoder heads at processing size -> maps at ``out_size`` (spec 4.7 steps 2-3)."""
-    if a.shape[-2:] != tuple(out_size):
-        if use_extract_interp:
-            dl = resample.resize(dl, out_size, "nearest_exact")
-            vl = resample.resize(vl, out_size, "nearest_exact")
-        else:
-            e = np.minimum(dl, np.float32(10.0))
-            dl = resample.resize(np.exp(e, out=e), out_size, "bilinear")
-            np.log(dl, out=dl)
-            vl = resample.resize(vl, out_size, "bilinear")
-        a = resample.resize(a, out_size, "bilinear")
     ho, wo = out_size
     diag = np.float32(np.sqrt(np.float32(wo * wo + ho * ho)))
-    fx = np.multiply(a, np.float32(wo) / diag, dtype=np.float32)
-    fy = np.multiply(a, np.float32(ho) / diag, dtype=np.float32)
+    kx, ky = np.float32(wo) / diag, np.float32(ho) / diag
+    if a.shape[-2:] != tuple(out_size) and not use_extract_interp:
+        return _decode_post_bilinear(a, dl, vl, (ho, wo), kx, ky)
+    if a.shape[-2:] != tuple(out_size):
+        dl = resample.resize(dl, out_size, "nearest_exact")
+        vl = resample.resize(vl, out_size, "nearest_exact")
+        a = resample.resize(a, out_size, "bilinear")
+    fx = np.multiply(a, kx, dtype=np.float32)
+    fy = np.multiply(a, ky, dtype=np.float32)
     return DecodedMaps(fx=fx, fy=fy, log_depth=np.asarray(dl, np.float32), valid=vl > 0)
 
 
+def _decode_post_bilinear(a: np.ndarray, dl: np.ndarray, vl: np.ndarray, out_size: tuple[int, int],
+                          kx: np.float32, ky: np.float32) -> DecodedMaps:
+    """:func:`decode_post` with bilinear resizes, fused per block of output rows: each block is resized
+    (two-tap passes, :func:`daemon.model.resample.bilinear_block`) and finished (log, the focal factors,
+    ``> 0``) while it is in cache, straight into the output maps; the same float32 operations in the same
+    order as resizing whole maps first."""
+    n, h, w = a.shape
+    ho, wo = out_size
+    e = np.minimum(np.asarray(dl, np.float32), np.float32(10.0))
+    np.exp(e, out=e)
+    a = np.ascontiguousarray(a, np.float32)
+    vl = np.ascontiguousarray(vl, np.float32)
+    fx, fy = np.empty((n, ho, wo), np.float32), np.empty((n, ho, wo), np.float32)
+    log_depth, valid = np.empty((n, ho, wo), np.float32), np.empty((n, ho, wo), bool)
+    ty, tx = resample.bilinear_taps(h, ho), resample.bilinear_taps(w, wo)
+    rb = resample.block_rows(wo)
+
+    def frames(i0: int, i1: int) -> None:
+        sc = resample.BilinearScratch(min(rb, ho), w, wo)
+        blk = np.empty((min(rb, ho), wo), np.float32)
+        for i in range(i0, i1):
+            for r0 in range(0, ho, rb):
+                r1 = min(r0 + rb, ho)
+                b = blk[: r1 - r0]
+                ld = resample.bilinear_block(e[i], ty, tx, r0, r1, log_depth[i, r0:r1], sc)
+                np.log(ld, out=ld)
+                resample.bilinear_block(vl[i], ty, tx, r0, r1, b, sc)
+                np.greater(b, np.float32(0.0), out=valid[i, r0:r1])
+                resample.bilinear_block(a[i], ty, tx, r0, r1, b, sc)
+                np.multiply(b, kx, out=fx[i, r0:r1])
+                np.multiply(b, ky, out=fy[i, r0:r1])
+
+    resample.split_frames(n, frames)
+    return DecodedMaps(fx=fx, fy=fy, log_depth=log_depth, valid=valid)
+
+
 def projected_focal(maps: DecodedMaps, per_frame: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Spec 4.7 step 4: mean(f * valid) / (mean(valid) + 1e-4) over all frames (or per frame)."""
-    axis = (1, 2) if per_frame else None
-    v = maps.valid.astype(np.float32)
-    den = np.mean(v, axis=axis, dtype=np.float64).astype(np.float32) + np.float32(1e-4)
-    fx = np.mean(maps.fx * v, axis=axis, dtype=np.float64).astype(np.float32) / den
-    fy = np.mean(maps.fy * v, axis=axis, dtype=np.float64).astype(np.float32) / den
-    return np.asarray(fx, np.float32), np.asarray(fy, np.float32)
+    """Spec 4.7 step 4: mean(f * valid) / (mean(valid) + 1e-4) over all frames (or per frame).
+
+    The means are float64 sums of the float32 products (the valid count exactly); per frame, each frame's
+    products are formed in a reused buffer and summed right away (the same sums as the whole-array mean
+    over axes (1, 2): numpy reduces each frame's contiguous pixels alike)."""
+    n, h, w = maps.valid.shape
+    size = np.float64(h * w) if per_frame else np.float64(n * h * w)
+    count = np.count_nonzero(maps.valid, axis=(1, 2) if per_frame else None)
+    den = (count / size).astype(np.float32) + np.float32(1e-4)
+    if not per_frame:
+        fx = np.mean(np.multiply(maps.fx, maps.valid), dtype=np.float64).astype(np.float32) / den
+        fy = np.mean(np.multiply(maps.fy, maps.valid), dtype=np.float64).astype(np.float32) / den
+        return np.asarray(fx, np.float32), np.asarray(fy, np.float32)
+    sums = np.empty((2, n), np.float64)
+
+    def frames(i0: int, i1: int) -> None:
+        buf = np.empty((h, w), np.float32)
+        for i in range(i0, i1):
+            for k, f in enumerate((maps.fx, maps.fy)):
+                np.multiply(f[i], maps.valid[i], out=buf)
+                sums[k, i] = np.add.reduce(buf, axis=None, dtype=np.float64)
+
+    resample.split_frames(n, frames)
+    means = (sums / size).astype(np.float32)
+    return means[0] / den, means[1] / den
 
 
 def points_from_maps(maps: DecodedMaps, fx: np.ndarray, fy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -288,51 +368,19 @@ def _frames_to_unit(frames: np.ndarray) -> np.ndarray:
 
 
 def round_to_fp16(x: np.ndarray) -> np.ndarray:
-    """float32 -> the float32 value of ``x.astype(float16)`` (round to nearest even), in place when possible.
-
-    numpy's float16 casts are scalar loops (~13x a float32 pass on the 2-core box); this rounds the float32
-    bit pattern at the fp16 mantissa width instead, with fp16's subnormal range (|x| < 2^-14, a fixed step of
-    2^-24) rounded by adding and removing 0.75. Checked against the cast on edge cases and 1.2 M random values
-    (tests/pipeline/test_glue_fast.py) and on the float32 values of [-1, 1] an exhaustive run reached (no
-    mismatch).
-    Values
-    outside the fp16 range (or NaN) take numpy's cast.
-    """
-    x = np.ascontiguousarray(x, np.float32)
-    big = np.abs(x).max(initial=0.0)
-    if not big < np.float32(65504.0):
-        return x.astype(np.float16).astype(np.float32)
-    bits = x.view(np.uint32)
-    r = np.right_shift(bits, np.uint32(13))
-    np.bitwise_and(r, np.uint32(1), out=r)
-    r += np.uint32(0x0FFF)
-    r += bits
-    np.bitwise_and(r, np.uint32(0xFFFFE000), out=r)
-    out = r.view(np.float32)
-    small = np.abs(x) < np.float32(2.0**-14)
-    if small.any():
-        xs = x[small]
-        t = xs + np.float32(0.75)
-        t -= np.float32(0.75)
-        out[small] = np.copysign(t, xs)
-    return out
+    """float32 -> the float32 value of ``x.astype(float16)`` (round to nearest even), a new array
+    (:func:`daemon.model.fp16.round_to_fp16`: float32/uint32 passes over cached chunks)."""
+    return fp16.round_to_fp16(x)
 
 
 def to_signed_unit(v: np.ndarray, ld: type) -> np.ndarray:
     """Spec 4.3.1: v in [0,1] -> 2v - 1 computed in the latent dtype, returned as float32 (what the encoders
-    take; in fp16 mode the values are exactly the fp16 ones).
-
-    fp16: upstream computes ``v * 2 - 1`` in fp16. For fp16 v both steps are exact in float32 (2v is, and
-    2v - 1 of an 11-bit mantissa fits), so computing in float32 and rounding once gives the same fp16 values
-    (checked on every fp16 value in [0, 1], tests/pipeline/test_glue_fast.py); the roundings to fp16 run on
-    float32 bits (:func:`round_to_fp16`).
-    """
-    w = np.array(v, np.float32)
-    if ld != np.float32:
-        w = round_to_fp16(w)
-    np.multiply(w, np.float32(2.0), out=w)
-    np.subtract(w, np.float32(1.0), out=w)
-    return w if ld == np.float32 else round_to_fp16(w)
+    take; in fp16 mode the values are exactly the fp16 ones: :func:`daemon.model.fp16.signed_unit_fp16`,
+    checked on every fp16 value in [0, 1], tests/pipeline/test_glue_fast.py)."""
+    if ld == np.float32:
+        w = np.multiply(v, np.float32(2.0), dtype=np.float32)
+        return np.subtract(w, np.float32(1.0), out=w)
+    return fp16.signed_unit_fp16(v)
 
 
 def frames_at_size(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -346,12 +394,15 @@ def frames_at_size(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if (h0, w0) == tuple(size):
         return _frames_to_unit(frames)
     xr = np.empty((h0, n, 3, w0), np.float32)
-    np.copyto(xr, frames.transpose(1, 0, 3, 2), casting="unsafe")
-    if frames.dtype == np.uint8:
-        np.divide(xr, np.float32(255.0), out=xr)
+    if frames.dtype == np.uint8:  # uint8 / float32 scalar: the float32 loop on the cast values, one pass
+        np.divide(frames.transpose(1, 0, 3, 2), np.float32(255.0), out=xr)
+    else:
+        np.copyto(xr, frames.transpose(1, 0, 3, 2), casting="unsafe")
     r = resample.resize_hnw(xr.reshape(h0, n * 3, w0), size, "bicubic_aa")  # (H, n*3, W)
-    np.clip(r, np.float32(0.0), np.float32(1.0), out=r)
-    return np.ascontiguousarray(r.reshape(size[0], n, 3, size[1]).transpose(1, 2, 0, 3))
+    out = np.empty((n, 3, size[0], size[1]), np.float32)
+    r4 = r.reshape(size[0], n, 3, size[1]).transpose(1, 2, 0, 3)
+    np.clip(r4, np.float32(0.0), np.float32(1.0), out=out)
+    return out
 
 
 def _check_prior(frames: np.ndarray, points: np.ndarray, mask: np.ndarray) -> None:
@@ -494,7 +545,8 @@ class GeometryCrafter:
             vlat = _np(self.svd_vae.encode(v32)).astype(ld)
             self._after_call()
             xs = x4[s : s + chunk]
-            pseudo = np.repeat(xs[:, 2:3], 3, axis=1)
+            pseudo = np.empty((xs.shape[0], 3, *xs.shape[2:]), np.float32)
+            pseudo[:] = xs[:, 2:3]  # the disparity as pseudo-RGB (a broadcast copy: faster than np.repeat)
             mean = _np(self.svd_vae.encode(pseudo)).astype(np.float32)
             self._after_call()
             offset = _np(self.point_map_vae.encode(xs)).astype(np.float32)
@@ -532,9 +584,12 @@ class GeometryCrafter:
                 progress(1)
             return (-u).astype(ld)
         assert x is not None and schedule is not None
+        c = x.shape[2]
+        sample = np.empty((*x.shape[:2], c + vlat.shape[2] + plat.shape[2], *x.shape[3:]), ld)
+        sample[:, :, c : c + vlat.shape[2]] = vlat  # channel order: noisy, video, prior
+        sample[:, :, c + vlat.shape[2] :] = plat
         for i in range(schedule.num_steps):
-            inp = schedule.scale_model_input(x, i)
-            sample = np.concatenate([inp, vlat, plat], axis=2)  # channel order: noisy, video, prior
+            inp = schedule.scale_model_input(x, i, out=sample[:, :, :c])
             u = _np(self.unet(sample, float(schedule.timesteps[i]), emb, ids)).astype(ld)
             self._after_call()
             if guidance_scale > 1.0:
@@ -566,16 +621,28 @@ class GeometryCrafter:
     @staticmethod
     def latents_to_z(latents: np.ndarray) -> np.ndarray:
         """Stitched latents (1,n,4,h,w) -> decoder input (n,4,h,w) fp32 (spec 4.6 last step)."""
-        return latents[0].astype(np.float32) * np.float32(1.0 / VAE_SCALING)
+        z = fp16.to_f32(latents[0]) if latents.dtype == np.float16 else latents[0].astype(np.float32)
+        return np.multiply(z, np.float32(1.0 / VAE_SCALING), out=z)
 
     def renoise(
         self, x: np.ndarray, tail: np.ndarray, overlap: int, schedule: EulerKarrasSchedule
     ) -> np.ndarray:
         """Spec 4.4 step 2b: x[:, :overlap] = A_tail + x[:, :overlap] / init_noise_sigma * sigma_0."""
         ld = self.latent_dtype
-        n = (x[:, :overlap].astype(np.float32) / schedule.init_noise_sigma).astype(ld)
-        n = (n.astype(np.float32) * schedule.sigmas[0]).astype(ld)
+        init, sigma0 = schedule.init_noise_sigma, schedule.sigmas[0]
         x = x.copy()
+        if ld == np.float16 and x.dtype == np.float16 and tail.dtype == np.float16:
+            def kernel(xf: np.ndarray, tf: np.ndarray, rnd: fp16.Rounder) -> np.ndarray:
+                np.divide(xf, init, out=xf)
+                rnd(xf)
+                np.multiply(xf, sigma0, out=xf)
+                rnd(xf)
+                return np.add(tf, xf, out=xf)
+
+            x[:, :overlap] = fp16.fused_f16(kernel, (x[:, :overlap], tail), n_tmp=0)
+            return x
+        n = (x[:, :overlap].astype(np.float32) / init).astype(ld)
+        n = (n.astype(np.float32) * sigma0).astype(ld)
         x[:, :overlap] = (tail.astype(np.float32) + n.astype(np.float32)).astype(ld)
         return x
 

@@ -29,6 +29,7 @@ Q_LO = 1 - 0.99  # 0.010000000000000009, as upstream writes it
 Q_HI = 0.99
 _F = np.float32
 _SAMPLE_STEP = 16  # every 16th value estimates where an order statistic lies
+_BLOCK_VALUES = 1 << 15  # pixels per block of rows in prior_to_x4's elementwise steps (stays in L2)
 _SAMPLE_MARGIN = 64  # sample ranks of slack around the estimate (a miss only costs a full partition)
 
 
@@ -256,7 +257,8 @@ def prior_to_x4_frames(
     den = stats.hi - stats.lo + _F(1e-4)
     c = min(chunk, t)
     maps = np.empty((3, c, h0, w0), np.float32)  # zlog (or exp of it), disparity, mask+-1 at the prior size
-    zp = np.empty((h0, w0), np.float32)
+    rb = max(1, _BLOCK_VALUES // w0)
+    sc = _BlockScratch(min(rb, h0), w0)
     px = np.empty((h0, w0), np.float32)
     py = np.empty((h0, w0), np.float32)
     tmp = np.empty((h0, w0), np.float32)
@@ -269,30 +271,10 @@ def prior_to_x4_frames(
             pts = np.asarray(pts, np.float32)
             valid = np.asarray(valid, bool)
             zlog, d, m = maps[0, j], maps[1, j], maps[2, j]
-            # step 1: mask in {-1, 1}
-            np.multiply(valid, _F(2.0), out=m)
-            np.subtract(m, _F(1.0), out=m)
-            # step 3: disparity 1/max(z/s, 1e-3) * valid, normalised to [-1, 1]
-            np.divide(pts[..., 2], stats.scale, out=zp)  # step 2 (z channel): p_z = z / s
-            np.maximum(zp, _F(1e-3), out=d)
-            np.divide(_F(1.0), d, out=d)
-            np.multiply(d, valid, out=d)
-            np.subtract(d, stats.lo, out=d)
-            np.divide(d, den, out=d)
-            np.clip(d, _F(0.0), _F(1.0), out=d)
-            np.multiply(d, _F(2.0), out=d)
-            np.subtract(d, _F(1.0), out=d)
-            # step 4: xy = p_xy / (p_z + 1e-7), zlog = ln(p_z + 1e-7) * valid
-            np.divide(pts[..., 0], stats.scale, out=px)
-            np.divide(pts[..., 1], stats.scale, out=py)
-            np.add(zp, _F(1e-7), out=zp)
-            np.divide(px, zp, out=px)
-            np.divide(py, zp, out=py)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                np.log(zp, out=zlog)
-            if nan_guard:
-                np.copyto(zlog, _F(0.0), where=~valid)
-            np.multiply(zlog, valid, out=zlog)
+            for r0 in range(0, h0, rb):  # the elementwise steps on blocks of rows that stay in cache
+                r1 = min(r0 + rb, h0)
+                _frame_block(pts[r0:r1], valid[r0:r1], stats, den, nan_guard, resize,
+                             zlog[r0:r1], d[r0:r1], m[r0:r1], px[r0:r1], py[r0:r1], sc)
             # step 5: principal point c and inverse focals in grid units (float64 sums of contiguous
             # maps; an interleaved (H, W, 2) mean was 100x slower in numpy)
             np.subtract(px, _mean(px), out=tmp)
@@ -301,17 +283,13 @@ def prior_to_x4_frames(
             np.subtract(py, _mean(py), out=tmp)
             np.divide(tmp, gy, out=tmp)
             focal[i, 1] = _mean(tmp)
-            if resize:
-                np.minimum(zlog, _F(10.0), out=zlog)
-                with np.errstate(over="ignore", invalid="ignore"):
-                    np.exp(zlog, out=zlog)
         out = x4[s0 : s0 + n]
-        if resize:  # step 7: bilinear to the processing size
-            r = resample.resize(maps[:, :n], (h, w), "bilinear")
+        if resize:  # step 7: bilinear to the processing size, straight into x4 (channels 1-3)
+            for j in range(n):
+                for ch in range(3):
+                    resample.resize_into(maps[ch, j], out[j, 1 + ch])
             with np.errstate(invalid="ignore", divide="ignore"):
-                np.log(r[0], out=out[:, 1])
-            out[:, 2] = r[1]
-            out[:, 3] = r[2]
+                np.log(out[:, 1], out=out[:, 1])
         else:
             out[:, 1:] = maps[:, :n].transpose(1, 0, 2, 3)
     if resize:
@@ -319,6 +297,63 @@ def prior_to_x4_frames(
     else:
         x4[:, 0] = np.sqrt(focal[:, 0] ** 2 + focal[:, 1] ** 2)[:, None, None]
     return x4
+
+
+class _BlockScratch:
+    """Buffers of :func:`_frame_block` for blocks of up to ``rows`` rows of width ``w``."""
+
+    def __init__(self, rows: int, w: int) -> None:
+        self.p = np.empty((rows, w, 3), np.float32)
+        self.zp = np.empty((rows, w), np.float32)
+        self.vf = np.empty((rows, w), np.float32)
+        self.keep = np.empty((rows, w), np.int32)
+
+
+def _frame_block(pts: np.ndarray, valid: np.ndarray, stats: PriorStats, den: np.float32, nan_guard: bool,
+                 exp_zlog: bool, zlog: np.ndarray, d: np.ndarray, m: np.ndarray, px: np.ndarray,
+                 py: np.ndarray, sc: _BlockScratch) -> None:
+    """Spec 4.2 steps 1-4 on a block of rows of one frame (pts (r, W0, 3), valid (r, W0)): the mask in
+    {-1, 1}, the normalised disparity, xy / z and the log-depth (its exp when it is resized next), each
+    written into its map's rows.
+
+    The same float32 operations as the whole-frame formulas: ``valid`` enters as 0.0 / 1.0 (what numpy
+    casts the bool to), the clip is max-then-min, and the NaN guard's ``where(valid, zlog, 0) * valid``
+    is a bit mask (zlog or +0)."""
+    r = pts.shape[0]
+    p, zp, vf = sc.p[:r], sc.zp[:r], sc.vf[:r]
+    np.copyto(vf, valid)
+    np.divide(pts, stats.scale, out=p)  # step 2: p = points / s (the three channels in one pass)
+    # step 1: mask in {-1, 1}
+    np.multiply(vf, _F(2.0), out=m)
+    np.subtract(m, _F(1.0), out=m)
+    # step 3: disparity 1/max(z/s, 1e-3) * valid, normalised to [-1, 1]
+    np.copyto(zp, p[..., 2])
+    np.maximum(zp, _F(1e-3), out=d)
+    np.divide(_F(1.0), d, out=d)
+    np.multiply(d, vf, out=d)
+    np.subtract(d, stats.lo, out=d)
+    np.divide(d, den, out=d)
+    np.maximum(d, _F(0.0), out=d)
+    np.minimum(d, _F(1.0), out=d)
+    np.multiply(d, _F(2.0), out=d)
+    np.subtract(d, _F(1.0), out=d)
+    # step 4: xy = p_xy / (p_z + 1e-7), zlog = ln(p_z + 1e-7) * valid
+    np.add(zp, _F(1e-7), out=zp)
+    np.divide(p[..., 0], zp, out=px)
+    np.divide(p[..., 1], zp, out=py)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        np.log(zp, out=zlog)
+    if nan_guard:
+        keep = sc.keep[:r]
+        np.right_shift(m.view(np.int32), 31, out=keep)  # -1 where m = -1.0 (invalid), else 0
+        np.invert(keep, out=keep)
+        np.bitwise_and(zlog.view(np.int32), keep, out=zlog.view(np.int32))
+    else:
+        np.multiply(zlog, vf, out=zlog)
+    if exp_zlog:
+        np.minimum(zlog, _F(10.0), out=zlog)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.exp(zlog, out=zlog)
 
 
 def _fnorm_resized(focal: np.ndarray, src: tuple[int, int], size: tuple[int, int]) -> np.ndarray:

@@ -8,12 +8,18 @@ chosen taps and the linear weights are the same); kernel weights are float64 and
 float32 (float64 for float64 input). PyTorch's own float32 cubic weights carry rounding of up to ~5e-7
 (cancellation in the Keys polynomial), so fp32-vs-fp32 agreement on bicubic is ~1e-6 while agreement with
 torch run in float64 is ~1e-7 (tests/model/test_resample.py).
+
+Speed: the matrices are applied as banded products (:func:`_bands`: each block of output rows reads only
+the inputs it needs); bilinear float32 resizes skip the matrices and run as two taps per axis on blocks of
+output rows that stay in cache (:func:`bilinear_block`), the same float32 values.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -204,6 +210,124 @@ def resize_cols(x: np.ndarray, n_out: int, mode: str) -> np.ndarray:
     return _cols_pass(x, _bands(mode, x.shape[-1], n_out, "float32"), n_out)
 
 
+@dataclass(frozen=True)
+class Taps2:
+    """Bilinear weights along one axis as two taps per output index: out = x[i0] * w0 + x[i1] * w1."""
+
+    i0: np.ndarray  # (n_out,) intp
+    i1: np.ndarray  # (n_out,) intp: i0 + 1, or i0 at the clamped end (then w1 = 0, w0 the summed weight)
+    w0: np.ndarray  # (n_out,) float32
+    w1: np.ndarray
+
+
+@functools.lru_cache(maxsize=64)
+def bilinear_taps(n_in: int, n_out: int) -> Taps2:
+    """The non-zero entries of the float32 :func:`bilinear_weights` matrix (at most two per row)."""
+    w = bilinear_weights(n_in, n_out).astype(np.float32)
+    rows = np.arange(n_out)
+    i0 = np.argmax(w != 0, axis=1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w0 = w[rows, i0]
+    w1 = np.where(i1 != i0, w[rows, i1], np.float32(0.0)).astype(np.float32)
+    if ((w != 0).sum(axis=1) > 2).any() or np.count_nonzero(w) != np.count_nonzero(w0) + np.count_nonzero(w1):
+        raise AssertionError(f"bilinear weights {n_in}->{n_out} are not two adjacent taps")
+    return Taps2(i0, i1, w0, w1)
+
+
+BLOCK_VALUES = 1 << 15  # output values per block of the two-tap bilinear (the block's buffers stay in L2)
+
+
+def block_rows(w_out: int) -> int:
+    """Output rows per block of :func:`bilinear_block` for an output width ``w_out``."""
+    return max(1, BLOCK_VALUES // max(w_out, 1))
+
+
+class BilinearScratch:
+    """Buffers of one block of :func:`bilinear_block` (reused over the blocks of a resize)."""
+
+    def __init__(self, rows: int, w_in: int, w_out: int) -> None:
+        self.a = np.empty((rows, w_in), np.float32)
+        self.b = np.empty((rows, w_in), np.float32)
+        self.c = np.empty((rows, w_out), np.float32)
+
+
+def bilinear_block(x: np.ndarray, ty: Taps2, tx: Taps2, r0: int, r1: int, out: np.ndarray,
+                   sc: BilinearScratch) -> np.ndarray:
+    """Output rows [r0, r1) of the bilinear resize of one float32 image ``x`` (h_in, w_in) into ``out``
+    (r1 - r0, w_out): the vertical two-tap pass on the rows it needs, then the horizontal one.
+
+    Each output is ``x0 * w0 + x1 * w1`` with both products rounded: the same float32 value the banded
+    BLAS products give on the 2-core box's OpenBLAS (tests/pipeline/test_glue_fast.py compares them), and
+    a NaN reaches only the outputs whose taps read it."""
+    k = r1 - r0
+    a, b, c = sc.a[:k], sc.b[:k], sc.c[:k]
+    # mode="clip": the indices are in range, and take(out=...) buffers its output in the default mode
+    np.take(x, ty.i0[r0:r1], axis=0, out=a, mode="clip")
+    np.multiply(a, ty.w0[r0:r1, None], out=a)
+    np.take(x, ty.i1[r0:r1], axis=0, out=b, mode="clip")
+    np.multiply(b, ty.w1[r0:r1, None], out=b)
+    np.add(a, b, out=a)
+    np.take(a, tx.i0, axis=1, out=out, mode="clip")
+    np.multiply(out, tx.w0, out=out)
+    np.take(a, tx.i1, axis=1, out=c, mode="clip")
+    np.multiply(c, tx.w1, out=c)
+    return np.add(out, c, out=out)
+
+
+THREADS = 2  # host glue threads (the 2-core box): numpy releases the GIL inside each block's ufuncs
+_POOL: ThreadPoolExecutor | None = None
+
+
+def split_frames(n: int, work: Callable[[int, int], None]) -> None:
+    """``work(i0, i1)`` on :data:`THREADS` contiguous ranges of ``n`` frames in parallel (inline for one
+    frame or one thread); the ranges write disjoint outputs."""
+    global _POOL
+    k = min(THREADS, n)
+    if k <= 1:
+        work(0, n)
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(THREADS, thread_name_prefix="glue")
+    bounds = [n * j // k for j in range(k + 1)]
+    futures = [_POOL.submit(work, bounds[j], bounds[j + 1]) for j in range(1, k)]
+    work(bounds[0], bounds[1])
+    for f in futures:
+        f.result()
+
+
+def resize_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Bilinear resize of one float32 image ``x`` (h_in, w_in) into the C-contiguous float32 image ``out``
+    (h_out, w_out); the values of ``resize(x, out.shape, "bilinear")``."""
+    (h_in, w_in), (h_out, w_out) = x.shape, out.shape
+    ty, tx = bilinear_taps(h_in, h_out), bilinear_taps(w_in, w_out)
+    rb = block_rows(w_out)
+    sc = BilinearScratch(min(rb, h_out), w_in, w_out)
+    x = np.ascontiguousarray(x, np.float32)
+    for r0 in range(0, h_out, rb):
+        r1 = min(r0 + rb, h_out)
+        bilinear_block(x, ty, tx, r0, r1, out[r0:r1], sc)
+    return out
+
+
+def _bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of float32 images (..., h_in, w_in), block by block (:func:`bilinear_block`)."""
+    lead, (h_in, w_in), (h_out, w_out) = x.shape[:-2], x.shape[-2:], size
+    imgs = np.ascontiguousarray(x, np.float32).reshape(-1, h_in, w_in)
+    out = np.empty((imgs.shape[0], h_out, w_out), np.float32)
+    ty, tx = bilinear_taps(h_in, h_out), bilinear_taps(w_in, w_out)
+    rb = block_rows(w_out)
+
+    def images(i0: int, i1: int) -> None:
+        sc = BilinearScratch(min(rb, h_out), w_in, w_out)
+        for i in range(i0, i1):
+            for r0 in range(0, h_out, rb):
+                r1 = min(r0 + rb, h_out)
+                bilinear_block(imgs[i], ty, tx, r0, r1, out[i, r0:r1], sc)
+
+    split_frames(imgs.shape[0], images)
+    return out.reshape(*lead, h_out, w_out)
+
+
 @functools.lru_cache(maxsize=64)
 def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
     return np.argmax(nearest_exact_weights(n_in, n_out), axis=1)
@@ -244,6 +368,8 @@ def resize(x: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
         return np.asarray(x, np.float64 if x.dtype == np.float64 else np.float32).copy()
     if mode == "nearest_exact":
         return _nearest(x, size)
+    if mode == "bilinear" and x.dtype != np.float64:
+        return _bilinear(x, size)
     return _apply_banded(x, mode, mode, size)
 
 

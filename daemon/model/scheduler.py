@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from daemon.model import fp16
+
 RHO = 7.0
 
 
@@ -35,25 +37,46 @@ class EulerKarrasSchedule:
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
-    def scale_model_input(self, x: np.ndarray, i: int) -> np.ndarray:
-        """x / sqrt(sigma^2 + 1), computed in float32 and rounded once to the dtype of ``x``.
+    def scale_model_input(self, x: np.ndarray, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """x / sqrt(sigma^2 + 1), computed in float32 and rounded once to the dtype of ``x`` (into ``out``
+        when given, e.g. the UNet input's first channels).
 
         (On CUDA torch applies the CPU scalar in float opmath, so an fp16 sample is rounded only once.)
         """
         sigma = self.sigmas[i]
-        return (x.astype(np.float32) / np.sqrt(sigma * sigma + np.float32(1.0))).astype(x.dtype)
+        k = np.sqrt(sigma * sigma + np.float32(1.0))
+        if x.dtype == np.float16:
+            res = fp16.fused_f16(lambda xf, rnd: np.divide(xf, k, out=xf), (x,), n_tmp=0)
+        else:
+            res = (x.astype(np.float32) / k).astype(x.dtype)
+        if out is None:
+            return res
+        out[...] = res
+        return out
 
     def step(self, u: np.ndarray, i: int, x: np.ndarray) -> np.ndarray:
         """One Euler step for v-prediction ``u``; returns the new sample in the dtype of ``u``."""
         sigma = self.sigmas[i]
         sigma_next = self.sigmas[i + 1]
-        xf = x.astype(np.float32)
         c_out = (-sigma / np.sqrt(sigma * sigma + np.float32(1.0))).astype(np.float32)
-        denoised = (u.astype(np.float32) * c_out).astype(u.dtype).astype(np.float32) + xf / (
-            sigma * sigma + np.float32(1.0)
-        )
+        k = sigma * sigma + np.float32(1.0)
+        dsig = sigma_next - sigma
+        if u.dtype == np.float16 and x.dtype == np.float16:
+            def kernel(uf: np.ndarray, xf: np.ndarray, t: np.ndarray, rnd: fp16.Rounder) -> np.ndarray:
+                np.multiply(uf, c_out, out=uf)
+                rnd(uf)  # c_out * u in the dtype of u
+                np.divide(xf, k, out=t)
+                np.add(uf, t, out=uf)  # denoised
+                np.subtract(xf, uf, out=t)
+                np.divide(t, sigma, out=t)  # derivative
+                np.multiply(t, dsig, out=t)
+                return np.add(xf, t, out=t)
+
+            return fp16.fused_f16(kernel, (u, x), n_tmp=1)
+        xf = x.astype(np.float32)
+        denoised = (u.astype(np.float32) * c_out).astype(u.dtype).astype(np.float32) + xf / k
         derivative = (xf - denoised) / sigma
-        return (xf + derivative * (sigma_next - sigma)).astype(u.dtype)
+        return (xf + derivative * dsig).astype(u.dtype)
 
 
 def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 700.0) -> np.ndarray:

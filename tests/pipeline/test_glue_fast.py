@@ -32,7 +32,42 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 @pytest.mark.parametrize("mode", ["bilinear", "nearest_exact"])
 def test_linear_resizes_bit_exact_vs_dense(src, dst, mode: str) -> None:
     x = np.random.default_rng(1).standard_normal((2, 3, *src)).astype(np.float32)
-    assert _same(resample.resize(x, dst, mode), resample.resize_dense(x, dst, mode))
+    got, want = resample.resize(x, dst, mode), resample.resize_dense(x, dst, mode)
+    if mode == "nearest_exact" or not _blas_fuses_two_products():
+        assert _same(got, want)  # the 2-core box's OpenBLAS: bit-exact
+    else:  # an FMA kernel rounds w0 * x0 + w1 * x1 once: 1 ulp per pass at most
+        assert got.shape == want.shape and np.abs(got - want).max() <= 2 * np.spacing(np.abs(x).max())
+
+
+def _blas_fuses_two_products() -> bool:
+    """Whether this BLAS sums a two-term dot product with a fused multiply-add (one rounding)."""
+    rng = np.random.default_rng(14)
+    a, b = rng.standard_normal((64, 2)).astype(np.float32), rng.standard_normal((2, 4096)).astype(np.float32)
+    separate = a[:, :1] * b[:1] + a[:, 1:] * b[1:]
+    return not np.array_equal(a @ b, separate)
+
+
+def _two_tap_oracle(x: np.ndarray, dst: tuple[int, int]) -> np.ndarray:
+    """Bilinear as the float32 sum of each output's (at most two) weighted inputs, vertical pass first:
+    the values the banded BLAS products of 0.3.0 gave on the 2-core box, written without BLAS."""
+    def one_axis(v: np.ndarray, n_out: int) -> np.ndarray:  # along axis -1
+        w = resample.bilinear_weights(v.shape[-1], n_out).astype(np.float32)
+        out = np.zeros((*v.shape[:-1], n_out), np.float32)
+        for o in range(n_out):
+            nz = np.flatnonzero(w[o])
+            acc = v[..., nz[0]] * w[o, nz[0]]
+            for j in nz[1:]:
+                acc = acc + v[..., j] * w[o, j]
+            out[..., o] = acc
+        return out
+    y = one_axis(np.swapaxes(x, -1, -2), dst[0])
+    return one_axis(np.ascontiguousarray(np.swapaxes(y, -1, -2)), dst[1])
+
+
+@pytest.mark.parametrize("src,dst", ODD)
+def test_bilinear_two_tap_equals_the_float32_formula(src, dst) -> None:
+    x = np.random.default_rng(12).standard_normal((3, *src)).astype(np.float32)
+    assert _same(resample.resize(x, dst, "bilinear"), _two_tap_oracle(x, dst))
 
 
 @pytest.mark.parametrize("src,dst", ODD)
@@ -182,6 +217,24 @@ def test_frames_at_size_vs_reference(src, size) -> None:
     assert np.abs(P.frames_at_size(f01, size) - want).max() <= 4 * np.spacing(np.float32(1.0))
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_frames_at_size_equals_the_old_passes(dtype) -> None:
+    """0.3.0's separate passes (cast copy, divide, resize, clip, transposed copy) as the oracle."""
+    frames = np.random.default_rng(15).integers(0, 256, (3, 72, 100, 3), dtype=np.uint8)
+    if dtype == np.float32:
+        frames = frames.astype(np.float32) / np.float32(255.0)
+    n, h0, w0, _ = frames.shape
+    xr = np.empty((h0, n, 3, w0), np.float32)
+    np.copyto(xr, frames.transpose(1, 0, 3, 2), casting="unsafe")
+    if frames.dtype == np.uint8:
+        np.divide(xr, np.float32(255.0), out=xr)
+    r = resample.resize_hnw(xr.reshape(h0, n * 3, w0), (64, 128), "bicubic_aa")
+    np.clip(r, np.float32(0.0), np.float32(1.0), out=r)
+    want = np.ascontiguousarray(r.reshape(64, n, 3, 128).transpose(1, 2, 0, 3))
+    got = P.frames_at_size(frames, (64, 128))
+    assert _same(got, want) and got.flags.c_contiguous
+
+
 @pytest.mark.parametrize("src,out", [((64, 128), (72, 100)), ((384, 640), (576, 1024)), ((64, 64), (64, 64)),
                                      ((64, 128), (50, 38))])
 @pytest.mark.parametrize("extract", [False, True])
@@ -197,3 +250,92 @@ def test_decode_post_and_points_bit_exact(src, out, extract: bool) -> None:
         p1, z1 = P.points_from_maps(maps, ffx, ffy)
         p2, z2 = ref.points_from_maps_ref(maps.log_depth, ffx, ffy)
         assert _same(p1, p2) and _same(z1, z2)
+
+
+# ---- fp16 latent glue (daemon.model.fp16 kernels) against the old astype formulas ------------------
+
+
+def _latents(rng: np.random.Generator, f: int, scale: float = 1.0) -> np.ndarray:
+    return (rng.standard_normal((1, f, 4, 24, 40)).astype(np.float32) * np.float32(scale)).astype(np.float16)
+
+
+def _old_step(s, u: np.ndarray, i: int, x: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+    sigma, sigma_next = s.sigmas[i], s.sigmas[i + 1]
+    xf = x.astype(np.float32)
+    c_out = (-sigma / np.sqrt(sigma * sigma + np.float32(1.0))).astype(np.float32)
+    den = (u.astype(np.float32) * c_out).astype(u.dtype).astype(np.float32) + xf / (sigma * sigma + np.float32(1.0))
+    return (xf + (xf - den) / sigma * (sigma_next - sigma)).astype(u.dtype)
+
+
+def test_scheduler_fp16_fused_equals_old_formulas() -> None:
+    from daemon.model.scheduler import make_schedule
+
+    s = make_schedule(5)
+    rng = np.random.default_rng(10)
+    x = _latents(rng, 30, 700.0)  # 115 200 values: two chunks
+    for i in range(s.num_steps):
+        want_in = (x.astype(np.float32) / np.sqrt(s.sigmas[i] ** 2 + np.float32(1.0))).astype(np.float16)
+        assert _same(s.scale_model_input(x, i), want_in)
+        buf = np.empty((1, 30, 12, 24, 40), np.float16)
+        s.scale_model_input(x, i, out=buf[:, :, :4])
+        assert _same(buf[:, :, :4], want_in)
+        u = _latents(rng, 30)
+        want = _old_step(s, u, i, x)
+        x = s.step(u, i, x)
+        assert _same(x, want)
+
+
+def test_noise_bank_renoise_stitch_z_cfg_equal_old_formulas() -> None:
+    from daemon.model.scheduler import make_schedule
+
+    s = make_schedule(5)
+    rng = np.random.default_rng(11)
+    noise = _latents(rng, 22)
+    bank = P.NoiseBank(noise, s.init_noise_sigma, 5, 17)
+    assert _same(bank.bank, (noise.astype(np.float32) * s.init_noise_sigma).astype(np.float16))
+
+    x, tail = _latents(rng, 22, 700.0), _latents(rng, 5)
+    n = (x[:, :5].astype(np.float32) / s.init_noise_sigma).astype(np.float16)
+    n = (n.astype(np.float32) * s.sigmas[0]).astype(np.float16)
+    want = x.copy()
+    want[:, :5] = (tail.astype(np.float32) + n.astype(np.float32)).astype(np.float16)
+    gc = P.GeometryCrafter.__new__(P.GeometryCrafter)
+    gc.latent_dtype = np.float16
+    assert _same(gc.renoise(x, tail, 5, s), want)
+
+    for overlap in (0, 1, 5, 22):
+        prev, new = _latents(rng, 22), _latents(rng, 22)
+        if overlap == 0:
+            want = np.concatenate([prev, new], axis=1)
+        else:
+            w = np.linspace(0.0, 1.0, overlap).astype(np.float32)[None, :, None, None, None]
+            blended = w * new[:, :overlap].astype(np.float32) + (np.float32(1.0) - w) * prev[:, -overlap:].astype(
+                np.float32)
+            out = prev.copy()
+            out[:, -overlap:] = blended.astype(np.float16)
+            want = np.concatenate([out, new[:, overlap:]], axis=1)
+        assert _same(P.stitch(prev, new, overlap), want)
+    assert _same(P.GeometryCrafter.latents_to_z(prev), prev[0].astype(np.float32) * np.float32(1.0 / P.VAE_SCALING))
+
+    cond, uncond = _latents(rng, 22), _latents(rng, 22)
+    diff = (cond.astype(np.float32) - uncond.astype(np.float32)).astype(np.float16)
+    scaled = (np.float32(7.5) * diff.astype(np.float32)).astype(np.float16)
+    want = (uncond.astype(np.float32) + scaled.astype(np.float32)).astype(np.float16)
+    assert _same(P.classifier_free_guidance(cond, uncond, 7.5), want)
+
+
+@pytest.mark.parametrize("shape", [(3, 72, 100), (5, 50, 38), (2, 576, 1024), (1, 7, 9)])
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_projected_focal_equals_old_formula(shape, per_frame: bool) -> None:
+    rng = np.random.default_rng(13)
+    fx, fy = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    valid = rng.random(shape) > 0.2
+    valid[0, :2] = False
+    maps = P.DecodedMaps(fx=fx, fy=fy, log_depth=fx, valid=valid)
+    axis = (1, 2) if per_frame else None
+    v = valid.astype(np.float32)  # 0.3.0's formula
+    den = np.mean(v, axis=axis, dtype=np.float64).astype(np.float32) + np.float32(1e-4)
+    want_x = np.asarray(np.mean(fx * v, axis=axis, dtype=np.float64).astype(np.float32) / den, np.float32)
+    want_y = np.asarray(np.mean(fy * v, axis=axis, dtype=np.float64).astype(np.float32) / den, np.float32)
+    got_x, got_y = P.projected_focal(maps, per_frame)
+    assert _same(got_x, want_x) and _same(got_y, want_y)
