@@ -1,4 +1,4 @@
-"""GroupNorm (optionally fused with SiLU) as one Jittor CPU kernel with OpenMP.
+"""GroupNorm (optionally fused with SiLU) and LayerNorm as Jittor CPU kernels with OpenMP.
 
 Jittor's CPU kernels run on one thread and the graph version of GroupNorm takes three passes over the
 activations plus one for the SiLU that usually follows; this kernel reads the input twice (statistics) and
@@ -56,6 +56,27 @@ for (int ng = 0; ng < N * G; ng++) {{
 }}
 """
 
+_LAYER_SRC = """
+const long long M = in0_shape0;
+const int C = in0_shape1;
+const float* x = in0_p;
+const float* w = in1_p;
+const float* b = in2_p;
+float* y = out0_p;
+#pragma omp parallel for schedule(static)
+for (long long r = 0; r < M; r++) {{
+    const float* xr = x + r * C;
+    float* yr = y + r * C;
+    double sum = 0.0;
+    for (int i = 0; i < C; i++) sum += xr[i];
+    const double mean = sum / (double)C;
+    double ss = 0.0;
+    for (int i = 0; i < C; i++) {{ const double d = xr[i] - mean; ss += d * d; }}
+    const double rstd = 1.0 / sqrt(ss / (double)C + (double){eps!r});
+    for (int i = 0; i < C; i++) yr[i] = (float)(((double)xr[i] - mean) * rstd * (double)w[i]) + b[i];
+}}
+"""
+
 _ACT = {"": "", "silu": "v = v / (1.0f + expf(-v));"}
 
 
@@ -70,4 +91,15 @@ def group_norm(x: Var, weight: Var, bias: Var, groups: int, eps: float, act: str
     x3 = x.float32().reshape(n, c, -1)
     src = _SRC.format(groups=int(groups), eps=float(eps), act=_ACT[act])
     out = jt.code(x3.shape, "float32", [x3, weight.float32(), bias.float32()], cpu_src=src)
+    return out.reshape(shape)
+
+
+def layer_norm(x: Var, weight: Var, bias: Var, eps: float) -> Var:
+    """torch LayerNorm over the last dim of [..., C] as one OpenMP kernel over the rows (statistics in
+    double, two-pass); fp32 in and out."""
+    jt = import_jittor()
+    shape = x.shape
+    x2 = x.float32().reshape(-1, shape[-1])
+    out = jt.code(x2.shape, "float32", [x2, weight.float32(), bias.float32()],
+                  cpu_src=_LAYER_SRC.format(eps=float(eps)))
     return out.reshape(shape)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from daemon.jittor_env import import_jittor
 from daemon.model import conv_cpu, norm_cpu
-from daemon.model.blocks import Conv2d, GroupNorm, TemporalConv, matmul
+from daemon.model.blocks import Conv2d, GroupNorm, LayerNorm, TemporalConv, matmul
 
 jt = import_jittor()
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,6 +177,22 @@ def test_group_norm_matches_torch(shape: tuple[int, ...], mean: float, act: str)
         want = F.silu(want)
     got = gn(jt.array(x), act=act).numpy()
     assert _rel(got, want.numpy()) <= 4e-7
+
+
+@pytest.mark.parametrize("shape,mean", [((3, 10, 64), 0.0), ((7, 32), 0.0), ((2, 5, 96), 1e3)])
+def test_layer_norm_matches_torch(shape: tuple[int, ...], mean: float) -> None:
+    """LayerNorm on the CPU (one OpenMP kernel, norm_cpu.layer_norm) vs a float64 torch reference."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(shape) * 2 + mean).astype(np.float32)
+    c = shape[-1]
+    ln = LayerNorm(c)
+    ln.weight = jt.array(rng.standard_normal(c).astype(np.float32))
+    ln.bias = jt.array(rng.standard_normal(c).astype(np.float32))
+    want = F.layer_norm(torch.from_numpy(x).double(), (c,), torch.from_numpy(ln.weight.numpy()).double(),
+                        torch.from_numpy(ln.bias.numpy()).double(), 1e-5).numpy()
+    got = ln(jt.array(x)).numpy()
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert _rel(got, want) <= 4e-7
 
 
 def test_group_norm_rejects_an_unknown_activation() -> None:
