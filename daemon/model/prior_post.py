@@ -219,12 +219,11 @@ def prior_to_x4(
     size: tuple[int, int],
     stats: PriorStats,
     nan_guard: bool = False,
-    chunk: int = 4,
 ) -> np.ndarray:
     """(T,H0,W0,3) f32 points + (T,H0,W0) bool mask -> x4 (T,4,H,W) f32 = [fnorm, zlog, disparity, mask+-1].
 
     ``size`` = processing (H, W); resizes are bilinear (align_corners off), log-depth through
-    ``ln(bilinear(exp(min(zlog, 10))))`` (spec 4.2 step 7). Frames are processed ``chunk`` at a time.
+    ``ln(bilinear(exp(min(zlog, 10))))`` (spec 4.2 step 7).
     """
     t, h0, w0, _ = points.shape
     if mask.shape != (t, h0, w0):
@@ -233,7 +232,7 @@ def prior_to_x4(
         raise ValueError(f"prior size {h0}x{w0} must be even in both dimensions (spec 7.7)")
     points = np.asarray(points, np.float32)
     mask = np.asarray(mask, bool)
-    return prior_to_x4_frames(lambda i: (points[i], mask[i]), t, (h0, w0), size, stats, nan_guard, chunk)
+    return prior_to_x4_frames(lambda i: (points[i], mask[i]), t, (h0, w0), size, stats, nan_guard)
 
 
 def prior_to_x4_frames(
@@ -243,11 +242,12 @@ def prior_to_x4_frames(
     size: tuple[int, int],
     stats: PriorStats,
     nan_guard: bool = False,
-    chunk: int = 4,
 ) -> np.ndarray:
     """:func:`prior_to_x4` on ``t`` frames fetched one at a time: ``frame(i)`` = (points (H0,W0,3) f32, mask
     (H0,W0) bool) of frame i, so the source-size priors need not be in memory together (offline runs read
-    them back from a spill file, daemon/offline/spill.py). Same float32 values as :func:`prior_to_x4`."""
+    them back from a spill file, daemon/offline/spill.py). Same float32 values as :func:`prior_to_x4`.
+    One frame's maps at the source size are held at a time: each frame is resized into x4 before the next
+    is fetched (without a resize, the maps are x4's own channels)."""
     h0, w0 = src
     h, w = int(size[0]), int(size[1])
     resize = (h0, w0) != (h, w)
@@ -255,43 +255,37 @@ def prior_to_x4_frames(
     gx, gy = resample.normalized_grid(h0, w0)
     gy = gy[:, None]
     den = stats.hi - stats.lo + _F(1e-4)
-    c = min(chunk, t)
-    maps = np.empty((3, c, h0, w0), np.float32)  # zlog (or exp of it), disparity, mask+-1 at the prior size
+    # zlog (or its exp), disparity, mask+-1 of one frame at the prior size
+    frame_maps = np.empty((3, h0, w0), np.float32) if resize else None
     rb = max(1, _BLOCK_VALUES // w0)
     sc = _BlockScratch(min(rb, h0), w0)
     px = np.empty((h0, w0), np.float32)
     py = np.empty((h0, w0), np.float32)
     tmp = np.empty((h0, w0), np.float32)
     focal = np.empty((t, 2), np.float32)
-    for s0 in range(0, t, c):
-        n = min(c, t - s0)
-        for j in range(n):
-            i = s0 + j
-            pts, valid = frame(i)
-            pts = np.asarray(pts, np.float32)
-            valid = np.asarray(valid, bool)
-            zlog, d, m = maps[0, j], maps[1, j], maps[2, j]
-            for r0 in range(0, h0, rb):  # the elementwise steps on blocks of rows that stay in cache
-                r1 = min(r0 + rb, h0)
-                _frame_block(pts[r0:r1], valid[r0:r1], stats, den, nan_guard, resize,
-                             zlog[r0:r1], d[r0:r1], m[r0:r1], px[r0:r1], py[r0:r1], sc)
-            # step 5: principal point c and inverse focals in grid units (float64 sums of contiguous
-            # maps; an interleaved (H, W, 2) mean was 100x slower in numpy)
-            np.subtract(px, _mean(px), out=tmp)
-            np.divide(tmp, gx, out=tmp)
-            focal[i, 0] = _mean(tmp)
-            np.subtract(py, _mean(py), out=tmp)
-            np.divide(tmp, gy, out=tmp)
-            focal[i, 1] = _mean(tmp)
-        out = x4[s0 : s0 + n]
-        if resize:  # step 7: bilinear to the processing size, straight into x4 (channels 1-3)
-            for j in range(n):
-                for ch in range(3):
-                    resample.resize_into(maps[ch, j], out[j, 1 + ch])
+    for i in range(t):
+        pts, valid = frame(i)
+        pts = np.asarray(pts, np.float32)
+        valid = np.asarray(valid, bool)
+        maps = frame_maps if frame_maps is not None else x4[i, 1:]
+        zlog, d, m = maps[0], maps[1], maps[2]
+        for r0 in range(0, h0, rb):  # the elementwise steps on blocks of rows that stay in cache
+            r1 = min(r0 + rb, h0)
+            _frame_block(pts[r0:r1], valid[r0:r1], stats, den, nan_guard, resize,
+                         zlog[r0:r1], d[r0:r1], m[r0:r1], px[r0:r1], py[r0:r1], sc)
+        # step 5: principal point c and inverse focals in grid units (float64 sums of contiguous
+        # maps; an interleaved (H, W, 2) mean was 100x slower in numpy)
+        np.subtract(px, _mean(px), out=tmp)
+        np.divide(tmp, gx, out=tmp)
+        focal[i, 0] = _mean(tmp)
+        np.subtract(py, _mean(py), out=tmp)
+        np.divide(tmp, gy, out=tmp)
+        focal[i, 1] = _mean(tmp)
+        if frame_maps is not None:  # step 7: bilinear to the processing size, straight into x4 (channels 1-3)
+            for ch in range(3):
+                resample.resize_into(frame_maps[ch], x4[i, 1 + ch])
             with np.errstate(invalid="ignore", divide="ignore"):
-                np.log(out[:, 1], out=out[:, 1])
-        else:
-            out[:, 1:] = maps[:, :n].transpose(1, 0, 2, 3)
+                np.log(x4[i, 1], out=x4[i, 1])
     if resize:
         x4[:, 0] = _fnorm_resized(focal, (h0, w0), (h, w))
     else:

@@ -237,8 +237,7 @@ def prepare_clip(video: Path, opts: ProcessOptions, priors: PriorClient, spill_d
         log.info("decoded %d frames %dx%d, priors in %.1f s", t, reader.out[1], reader.out[0], reader.prior_s)
         with stages.stage("prior", t):
             stats = reader.acc.finish(lambda i: _z_and_mask(spill.frame(i)))
-            x4 = prior_to_x4_frames(spill.frame, t, reader.src, reader.size, stats,
-                                    chunk=host_frames(*reader.src, 4))
+            x4 = prior_to_x4_frames(spill.frame, t, reader.src, reader.size, stats)
     finally:
         reader.close()
     return PreparedClip(reader.store.array(), x4, reader.size, reader.src, reader.out, info.fps, timings, t)

@@ -214,9 +214,14 @@ def test_prior_to_x4_frame_by_frame_is_prior_to_x4() -> None:
     stats = compute_stats(pts, mask)
     for size in ((64, 128), (48, 64)):
         want = prior_to_x4(pts, mask, size, stats)
-        for chunk in (1, 4):  # the offline run takes fewer frames at once for big frames
-            got = prior_to_x4_frames(lambda i: (pts[i], mask[i]), len(pts), (48, 64), size, stats, chunk=chunk)
-            assert np.array_equal(got, want)
+        asked: list[int] = []
+
+        def frame(i: int, asked: list[int] = asked) -> tuple[np.ndarray, np.ndarray]:
+            asked.append(i)
+            return pts[i], mask[i]
+
+        got = prior_to_x4_frames(frame, len(pts), (48, 64), size, stats)
+        assert np.array_equal(got, want) and asked == list(range(len(pts)))  # each frame once, in order
 
 
 @pytest.mark.parametrize("sizes", [[5], [8192], [8191, 2, 9000], [3 * 8192 + 17, 8192, 1], [100] * 200])

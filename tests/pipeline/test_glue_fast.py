@@ -171,14 +171,6 @@ def test_prior_to_x4_bit_exact(t: int, h0: int, w0: int, size, nan_guard: bool) 
         assert _same(got, want)
 
 
-def test_prior_to_x4_chunking_does_not_matter() -> None:
-    points, mask = _clip(5, 72, 100, 0.15)
-    stats = prior_post.compute_stats(points, mask)
-    a = prior_post.prior_to_x4(points, mask, (64, 128), stats, nan_guard=True, chunk=1)
-    b = prior_post.prior_to_x4(points, mask, (64, 128), stats, nan_guard=True, chunk=4)
-    assert _same(a, b)
-
-
 # ---- encoder inputs, decode post-processing ------------------------------------------------------
 
 
